@@ -1,0 +1,37 @@
+# The two commands for a fresh machine (README):
+#   make demo   set up .venv if missing, then pretrain on the bundled text and fine-tune on the bundled Dolly sample
+#   make test   set up .venv if missing, then run the whole test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gptds-installed
+RANKS ?= 2
+# CPU-only machines install the CPU build of torch explicitly: an unpinned torch pulls several GB of CUDA packages.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test lint setup clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch==2.13.0; \
+	else $(BIN)/pip install torch==2.13.0+cpu || $(BIN)/pip install torch==2.13.0+cpu --index-url $(TORCH_CPU_INDEX); fi
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/deepspeed --num_gpus $(RANKS) --no_local_rank --module gptds pretrain --auto_resume
+	$(BIN)/deepspeed --num_gpus $(RANKS) --no_local_rank --module gptds finetune --auto_resume \
+		--pretrained_checkpoint runs/pretrain/checkpoints
+	$(BIN)/gptds generate --checkpoint runs/finetune/checkpoints --temperature 0 --max_new_tokens 40 \
+		--prompt "$$(printf '### Instruction:\nWhat is the capital of France?\n\n### Response:\n')"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gptds tests bench
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,108 @@
+"""The `gptds` command line: subcommands only, each a few lines handing typed settings to the module
+that does the work. User mistakes (UserError) print one line and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptds.errors import UserError
+
+
+def _prepare_text(args):
+    from gptds.data.prepare import PrepareTextConfig, prepare_text
+    from gptds.config import from_flags
+    prepare_text(from_flags(PrepareTextConfig, args))
+
+
+def _prepare_dolly(args):
+    from gptds.data.prepare import PrepareDollyConfig, prepare_dolly
+    from gptds.config import from_flags
+    prepare_dolly(from_flags(PrepareDollyConfig, args))
+
+
+def _train(job):
+    def run(args):
+        from gptds.config import run_config_from_flags
+        from gptds.train import train
+        train(run_config_from_flags(job, args))
+    return run
+
+
+def _generate(args):
+    from gptds.generate import generate_from_checkpoint
+    for text in generate_from_checkpoint(args.checkpoint, [args.prompt], max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+        print(args.prompt + text)
+
+
+def _evaluate(args):
+    from gptds.evaluate import evaluate_checkpoint
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, hellaswag_file=args.hellaswag, limit=args.limit,
+                                         data_dir=args.data_dir, batch_size=args.batch_size,
+                                         context_length=args.context_length, eval_batches=args.eval_batches)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptds.config import add_flags, add_run_flags
+    parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
+                                     "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
+    prepare_sub = prepare.add_subparsers(dest="kind", required=True)
+    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig
+    p = prepare_sub.add_parser("text", help="text files, JSONL/JSON, parquet or a Hugging Face dataset")
+    add_flags(p, PrepareTextConfig)
+    p.set_defaults(func=_prepare_text)
+    p = prepare_sub.add_parser("dolly", help="databricks-dolly-15k (or Alpaca-layout) instruction records")
+    add_flags(p, PrepareDollyConfig)
+    p.set_defaults(func=_prepare_dolly)
+
+    for job, help_text in (("pretrain", "pretrain on token shards"),
+                           ("finetune", "instruction-tune on prepared Dolly data")):
+        p = sub.add_parser(job, help=help_text)
+        add_run_flags(p, job)
+        p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+        p.set_defaults(func=_train(job))
+
+    p = sub.add_parser("generate", help="continue a prompt with a model")
+    p.add_argument("--checkpoint", required=True, help="gptds weights, training checkpoint or HF GPT-2 folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("evaluate", help="HellaSwag accuracy (and validation loss) of a model, as JSON")
+    p.add_argument("--checkpoint", required=True, help="anything `generate` accepts")
+    p.add_argument("--hellaswag", default=None, help="HellaSwag JSONL; omitted: the bundled sample")
+    p.add_argument("--limit", type=int, default=0, help="score at most N items (0: all)")
+    p.add_argument("--data_dir", default=None, help="prepared dataset: also report its validation loss")
+    p.add_argument("--batch_size", "-B", type=int, default=8)
+    p.add_argument("--context_length", "-T", type=int, default=None, help="default: the model's block_size")
+    p.add_argument("--eval_batches", type=int, default=20)
+    p.set_defaults(func=_evaluate)
+
+    from gptds.convert import add_convert_parser
+    add_convert_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"gptds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gptds {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed run settings: one dataclass per concern (data, training, checkpointing; the architecture's
+GPTConfig lives in model.py), each validated in __post_init__. Command-line flags are generated from
+the fields, so a flag, its field, its log name and its TensorBoard tag are the same word; values flow
+one way, from the command line into these objects, and nothing re-reads the environment later."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptds.errors import UserError
+from gptds.model import PRESETS
+
+OPTIMIZERS = ("adamw8bit", "adamw")
+
+
+def flag(default, help: str, short: str | None = None, choices=None):
+    """A dataclass field that is also a command-line flag --<name> (and `short`, e.g. -B)."""
+    return field(default=default, metadata=dict(help=help, short=short, choices=choices))
+
+
+def _require(cond: bool, section: str, name: str, value, allowed: str) -> None:
+    if not cond:
+        raise UserError(f"--{name} ({section}.{name}) = {value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`); "
+                                      "omitted: the bundled demo data, prepared into <log_dir>/data")
+    batch_size: int = flag(8, "micro batch per rank, in sequences", short="-B")
+    context_length: int = flag(256, "tokens per sequence", short="-T")
+    eval_batches: int = flag(8, "validation batches per rank at each evaluation")
+    hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled 500-item sample")
+    hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "context_length", "eval_batches"):
+            value = getattr(self, name)
+            _require(value > 0, "data", name, value, "a positive integer")
+        _require(self.hellaswag_limit >= 0, "data", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
+
+
+@dataclass
+class TrainConfig:
+    deepspeed_config: str | None = flag(None, "DeepSpeed JSON: a path, or a name in ds_configs/ (zero1, zero2, "
+                                              "zero3, zero2_offload, ...); omitted: zero2 on GPUs, zero2_fp32 on CPU")
+    model: str = flag("mini", "model preset", choices=tuple(PRESETS))
+    max_steps: int = flag(300, "optimizer steps to train for (a resumed run counts from its checkpoint)")
+    grad_accum_steps: int = flag(1, "micro batches per optimizer step")
+    lr: float = flag(1e-3, "peak learning rate")
+    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = flag(20, "linear warmup steps")
+    weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+    optimizer: str = flag("adamw8bit", "adamw8bit: bitsandbytes' fused 8-bit AdamW; adamw: 32-bit AdamW",
+                          choices=OPTIMIZERS)
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward")
+    seed: int = flag(1337, "seed for weights, data order and sampling")
+    log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here")
+    log_interval: int = flag(10, "log training metrics every N steps")
+    eval_interval: int = flag(50, "validation loss every N steps (0: never)")
+    hellaswag_interval: int = flag(0, "HellaSwag accuracy every N steps (0: never)")
+    generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)")
+    generate_max_new_tokens: int = flag(48, "tokens per sample")
+    max_bad_steps: int = flag(5, "stop after this many consecutive steps with a NaN/inf loss")
+    peak_tflops: float = flag(0.0, "accelerator peak TFLOP/s for MFU (0: look it up for known GPUs)")
+
+    def __post_init__(self):
+        for name in ("max_steps", "grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
+            value = getattr(self, name)
+            _require(value > 0, "train", name, value, "a positive integer")
+        for name in ("warmup_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
+            value = getattr(self, name)
+            _require(value >= 0, "train", name, value, "0 or a positive integer")
+        _require(self.lr > 0, "train", "lr", self.lr, "a positive number")
+        _require(0 <= self.min_lr <= self.lr, "train", "min_lr", self.min_lr, f"between 0 and --lr ({self.lr})")
+        _require(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "0 or more")
+        _require(self.grad_clip >= 0, "train", "grad_clip", self.grad_clip, "0 (off) or more")
+        _require(self.optimizer in OPTIMIZERS, "train", "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        _require(self.model in PRESETS, "train", "model", self.model, ", ".join(PRESETS))
+        _require(self.peak_tflops >= 0, "train", "peak_tflops", self.peak_tflops, "0 or more")
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoint_dir: str | None = flag(None, "omitted: <log_dir>/checkpoints")
+    checkpoint_interval: int = flag(100, "save every N steps (0: only at the end)")
+    keep_last_n_checkpoints: int = flag(3, "complete checkpoints to keep (-1: all); the newest is never deleted")
+    auto_resume: bool = flag(False, "continue from the newest complete checkpoint in checkpoint_dir, if any")
+    resume: bool = flag(False, "continue from --checkpoint_path (a step folder, or a checkpoint folder: its newest)")
+    checkpoint_path: str | None = flag(None, "what --resume continues from")
+    pretrained_checkpoint: str | None = flag(None, "initial weights: a gptds checkpoint folder, a weights file, "
+                                                   "or a Hugging Face GPT-2 folder (fine-tuning)")
+
+    def __post_init__(self):
+        _require(self.checkpoint_interval >= 0, "checkpoint", "checkpoint_interval", self.checkpoint_interval,
+                 "0 or a positive integer")
+        _require(self.keep_last_n_checkpoints == -1 or self.keep_last_n_checkpoints > 0, "checkpoint",
+                 "keep_last_n_checkpoints", self.keep_last_n_checkpoints, "-1 (keep all) or a positive integer")
+        if self.resume and not self.checkpoint_path:
+            raise UserError("--resume needs --checkpoint_path PATH (a checkpoint step folder or checkpoint folder); "
+                            "to continue from the newest checkpoint in the run's own folder use --auto_resume")
+        if self.resume and self.auto_resume:
+            raise UserError("--resume and --auto_resume are exclusive: pick the explicit path or the newest checkpoint")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; built once from the command line."""
+    job: str  # "pretrain" or "finetune"
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.checkpoint_dir or Path(self.train.log_dir) / "checkpoints")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Defaults that differ between the jobs; the loop is the same. Fine-tuning follows instruction-tuning
+# practice: small lr, light weight decay, about one epoch of the data.
+JOB_DEFAULTS = {
+    "pretrain": {},
+    "finetune": dict(lr=3e-5, min_lr=3e-6, weight_decay=0.01, warmup_steps=10, max_steps=100,
+                     log_dir="runs/finetune", eval_interval=25, generate_interval=50, hellaswag_interval=0,
+                     checkpoint_interval=50),
+}
+
+
+# ---------------------------------------------------------------- flags from fields
+
+def _field_type(cls, f: dataclasses.Field):
+    tp = typing.get_type_hints(cls)[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+    """One flag per field of dataclass `cls`: --<field> (bools take --<field> / --no-<field>)."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        names = [f"--{f.name}"] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        tp = _field_type(cls, f)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if tp is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (item_type,) = typing.get_args(tp)
+            group.add_argument(*names, type=item_type, nargs="+", default=default, help=help_text,
+                               metavar=f.name.upper())
+        else:
+            group.add_argument(*names, type=tp, default=default, choices=f.metadata.get("choices"),
+                               help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)
+
+
+def from_flags(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in vars(args)})
+
+
+def add_run_flags(parser: argparse.ArgumentParser, job: str) -> None:
+    for cls in (DataConfig, TrainConfig, CheckpointConfig):
+        add_flags(parser, cls, JOB_DEFAULTS[job])
+
+
+def run_config_from_flags(job: str, args: argparse.Namespace) -> RunConfig:
+    return RunConfig(job=job, data=from_flags(DataConfig, args), train=from_flags(TrainConfig, args),
+                     checkpoint=from_flags(CheckpointConfig, args))

@@ -1,0 +1,106 @@
+"""Ranks made explicit: who we are (rank, local_rank, world_size, device), read once from the
+launcher's environment; printing from rank 0; small collective helpers. torch.distributed only:
+DeepSpeed adopts the process group created here."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_info: DistInfo | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher describes (`deepspeed`, torchrun or srun set RANK etc.);
+    a plain `gptds ...` becomes a world of one. Idempotent."""
+    global _info
+    if _info is not None:
+        return _info
+    env = os.environ
+    if "RANK" not in env:  # not launched: a single process, its own rendezvous on loopback
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world_size = int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", world_size)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # Ranks on one host share its cores; oversubscribed BLAS threads make every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    _info = DistInfo(rank, local_rank, world_size, local_world_size, device)
+    return _info
+
+
+def info() -> DistInfo:
+    assert _info is not None, "init_distributed() first"
+    return _info
+
+
+def print0(*args, **kwargs) -> None:
+    if _info is None or _info.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    global _info
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    _info = None

@@ -1,0 +1,255 @@
+"""GPT-2 in plain PyTorch: the config and its presets, the transformer block, the model, and
+sampling with a KV cache. Parameter names are Hugging Face GPT2LMHeadModel's, so weights map 1:1
+(its Conv1D weights are the transpose of our nn.Linear weights). Nothing here knows DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional CUDA kernel (the `cuda` extra); SDPA is used wherever it is missing
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+# Architecture presets. The gpt2* sizes are OpenAI's; the small ones are for tests, the CPU demo
+# and CPU benchmarks.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),    # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),       # 1558M
+    "gpt2-micro": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # gpt2 shape, CPU-sized
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),        # the CPU demo
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),         # unit tests
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024        # longest sequence the position embedding covers, in tokens
+    vocab_size: int = 50257       # real vocabulary; logits always have this many columns
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True             # GPT-2 has biases in Linear and LayerNorm
+    layer_norm_epsilon: float = 1e-5
+    pad_vocab_to_multiple_of: int = 1  # 64 stores 50304 embedding rows (faster matmuls)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head "
+                             f"({self.n_head}); allowed n_head values: "
+                             f"{[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0]}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which kernel CausalSelfAttention uses for training-shaped inputs on this device and dtype."""
+    if flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return "flash-attn"
+    return "sdpa"
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated to block_size."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hd) at [pos, pos+T); return all cached keys and values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None and attention_backend(x.device, x.dtype) == "flash-attn":
+            hd = C // self.n_head  # flash-attn takes (B, T, nh, hd)
+            y = flash_attn_func(q.view(B, T, self.n_head, hd), k.view(B, T, self.n_head, hd),
+                                v.view(B, T, self.n_head, hd), dropout_p=dropout_p, causal=True)
+            return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if kv_cache is not None:
+            # Either a prefill from position 0 (causal over T) or one new token attending to all before it.
+            assert kv_cache.pos == 0 or T == 1, "KV cache takes a prefill at position 0, then one token at a time"
+            k, v = kv_cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        # Recompute each block in backward instead of storing its activations; set per run.
+        self.activation_checkpointing = False
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embedding
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module):
+        # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (two per block).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_position_embedding: bool = False) -> int:
+        """Parameter count, the tied embedding counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T) with -100
+        where no loss is taken, the mean cross-entropy over the other positions."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V); drop padded rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 stop_token: int | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by up to max_new_tokens, sampling at `temperature` (0 = greedy) from the
+        top_k most likely tokens. Rows that emit stop_token are padded with it; generation ends when
+        every row has. Inside block_size each new token costs one cached step; beyond it the context
+        slides (the last block_size tokens are re-encoded for each further token)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        block = self.config.block_size
+        param = next(self.parameters())
+        cache = KVCache(self.config, idx.size(0), idx.device, param.dtype)
+        logits, _ = self(idx[:, -block:], kv_cache=cache)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_token = next_logits.argmax(dim=-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, [-1]]
+                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
+                probs = F.softmax(next_logits, dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+            if stop_token is not None:
+                next_token = next_token.masked_fill(done[:, None], stop_token)
+                done |= next_token[:, 0] == stop_token
+            idx = torch.cat([idx, next_token], dim=1)
+            if stop_token is not None and bool(done.all()):
+                break
+            if cache.pos < block:
+                logits, _ = self(next_token, kv_cache=cache)
+            else:  # window full: re-encode the last block_size tokens
+                cache.pos = 0
+                logits, _ = self(idx[:, -block:], kv_cache=cache)
+        return idx

@@ -1,0 +1,92 @@
+"""The GPT-2 tokenizer: tiktoken's "gpt2" encoding, loaded offline from the BPE file shipped in
+gptds/assets (tiktoken.get_encoding("gpt2") would download it), plus conversion of that file into
+the vocab.json/merges.txt pair that Hugging Face's GPT2Tokenizer reads."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+BPE_FILE = ASSETS_DIR / "gpt2.tiktoken"
+# GPT-2's pre-tokenisation regex, as tiktoken's own openai_public.gpt2() defines it.
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+VOCAB_SIZE = 50257
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 encoding; identical token ids to tiktoken.get_encoding("gpt2")."""
+    ranks = load_tiktoken_bpe(str(BPE_FILE))
+    enc = tiktoken.Encoding(name="gpt2", pat_str=PAT_STR, mergeable_ranks=ranks,
+                            special_tokens={EOT_TOKEN: EOT_ID})
+    assert enc.n_vocab == VOCAB_SIZE, enc.n_vocab
+    return enc
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of plain text; "<|endoftext|>" inside the text is treated as ordinary characters."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids) -> str:
+    return get_tokenizer().decode(list(ids))
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the alphabet of vocab.json)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The merge that produced `token`: run BPE on its bytes using only lower-ranked merges."""
+    rank = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        assert best is not None, token
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_hf_tokenizer_files(out_dir: Path) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json so that
+    transformers.AutoTokenizer.from_pretrained(out_dir) loads a GPT2Tokenizer that encodes like gptds."""
+    ranks = load_tiktoken_bpe(str(BPE_FILE))
+    b2u = _bytes_to_unicode()
+    as_unicode = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
+    vocab = {as_unicode(tok): rank for tok, rank in ranks.items()}
+    vocab[EOT_TOKEN] = EOT_ID
+    merges = []
+    for tok, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            left, right = _split_by_lower_ranks(tok, ranks)
+            merges.append(f"{as_unicode(left)} {as_unicode(right)}")
+    out_dir = Path(out_dir)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+        "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))

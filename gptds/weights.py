@@ -1,0 +1,261 @@
+"""Model weights on disk: gptds weights (safetensors whose metadata carries the GPTConfig, one file or
+shards with an index), Hugging Face GPT-2 directories, and `load_model`, which opens any of them or a
+training checkpoint folder. HF's Conv1D weights are our nn.Linear weights transposed; nothing is renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gptds.errors import UserError
+from gptds.model import GPT, GPTConfig
+
+# Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TIED_KEY = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class WeightsError(UserError):
+    """A weights path that cannot be read as any format gptds knows."""
+
+
+def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
+
+
+def model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
+    model = GPT(config)
+    state_dict = {k: v for k, v in state_dict.items() if k != TIED_KEY}
+    expected = set(state_dict_for_saving(model))
+    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if missing or unexpected:
+        raise WeightsError(f"weights do not match {config}: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if own[k].shape != v.shape:
+            raise WeightsError(f"weight {k} has shape {tuple(v.shape)}, the model config needs {tuple(own[k].shape)}")
+    model.load_state_dict({**state_dict, TIED_KEY: state_dict["transformer.wte.weight"]})
+    return model
+
+
+# ---------------------------------------------------------------- gptds safetensors
+
+def iter_shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> Iterator[dict]:
+    """Group (name, tensor) pairs into dicts of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shard, size = {}, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: Path,
+                       metadata: dict | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write weights to `out` (a .safetensors file) or, above max_shard_bytes, to shards beside it plus
+    `out`'s name with .index.json. Tensors are consumed one shard at a time, so a caller streaming them
+    from disk never holds more than one shard. Returns the files written (their final names)."""
+    out = Path(out)
+    meta = {"format": "pt", "gptds_config": json.dumps(config.to_dict()), **(metadata or {})}
+    shards = iter_shards(((k, v.contiguous()) for k, v in tensors if k != TIED_KEY), max_shard_bytes)
+    first = next(shards, None)
+    second = next(shards, None)
+    if second is None:  # one file
+        save_file(first or {}, str(out), metadata=meta)
+        return [out]
+    # Sharded: names are only known to be final after the last shard, so write with a temp count.
+    stem = out.name.removesuffix(".safetensors")
+    written, weight_map = [], {}
+    for i, shard in enumerate(_chain([first, second], shards)):
+        part = out.parent / f"{stem}-{i + 1:05d}.safetensors.partial"
+        save_file(shard, str(part), metadata=meta)
+        written.append(part)
+        weight_map.update({k: i for k in shard})
+    n = len(written)
+    final = []
+    for i, part in enumerate(written):
+        dest = out.parent / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(part, dest)
+        final.append(dest)
+    index = out.parent / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": meta, "weight_map": {k: final[i].name for k, i in weight_map.items()}},
+                                indent=1))
+    return final + [index]
+
+
+def _chain(head, tail):
+    yield from head
+    yield from tail
+
+
+def read_safetensors(files: list[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    metadata, tensors = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            metadata = sf.metadata() or metadata
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+    return metadata, tensors
+
+
+def load_gptds_weights(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """A .safetensors file, its .index.json, or a folder holding either."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise WeightsError(f"{path}: expected one gptds weights file or index, found {[c.name for c in candidates]}")
+        path = candidates[0]
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        files = sorted({path.parent / f for f in index["weight_map"].values()})
+    else:
+        files = [path]
+    for f in files:
+        if not f.is_file():
+            raise WeightsError(f"{f}: weights file missing")
+    metadata, tensors = read_safetensors(files)
+    if "gptds_config" not in metadata:
+        raise WeightsError(f"{path}: safetensors file without gptds_config metadata (not written by gptds)")
+    return GPTConfig.from_dict(json.loads(metadata["gptds_config"])), tensors
+
+
+# ---------------------------------------------------------------- Hugging Face GPT-2
+
+def hf_config_to_gptds(hf: dict, source: Path) -> GPTConfig:
+    if hf.get("model_type") != "gpt2":
+        raise WeightsError(f"{source}/config.json: model_type is {hf.get('model_type')!r}, only 'gpt2' is supported")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise WeightsError(f"{source}/config.json: n_inner={hf['n_inner']} (gptds uses 4 * n_embd)")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise WeightsError(f"{source}/config.json: activation_function={hf['activation_function']!r} "
+                           f"(gptds uses the tanh GELU, 'gelu_new')")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def gptds_config_to_hf(config: GPTConfig) -> dict:
+    if not config.bias:
+        raise WeightsError("Hugging Face GPT-2 has biases; a model with bias=False cannot be exported")
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+        "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": 0.02,
+        "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def hf_to_gptds_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Transpose Conv1D weights; accept GPT2Model keys (no 'transformer.' prefix); drop attention-mask buffers."""
+    out = {}
+    for k, v in hf_sd.items():
+        if k.endswith(("attn.bias", "attn.masked_bias")) and not k.endswith("c_attn.bias"):
+            continue
+        if not k.startswith(("transformer.", "lm_head.")):
+            k = "transformer." + k
+        out[k] = v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v
+    return out
+
+
+def gptds_to_hf_state_dict(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]]):
+    """Yield HF-layout (name, tensor) pairs: Conv1D weights transposed, vocab padding removed."""
+    for k, v in tensors:
+        if k == TIED_KEY:
+            continue
+        if k == "transformer.wte.weight":
+            v = v[:config.vocab_size]
+        yield k, (v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v.contiguous())
+
+
+def is_hf_directory(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_hf_directory(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    config = hf_config_to_gptds(json.loads((path / "config.json").read_text()), path)
+    if (path / "model.safetensors").is_file():
+        _, sd = read_safetensors([path / "model.safetensors"])
+    elif (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text())
+        _, sd = read_safetensors(sorted({path / f for f in index["weight_map"].values()}))
+    elif (path / "pytorch_model.bin").is_file():
+        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise WeightsError(f"{path}: Hugging Face directory without model.safetensors, {INDEX_FILE} "
+                           f"or pytorch_model.bin")
+    return config, hf_to_gptds_state_dict(sd)
+
+
+def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
+                      model_card: str | None = None) -> None:
+    """config.json, model.safetensors and GPT-2 tokenizer files, loadable by
+    GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained."""
+    from gptds.tokenizer import write_hf_tokenizer_files
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = gptds_config_to_hf(config)
+    save_file(dict(gptds_to_hf_state_dict(config, tensors)), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
+    write_hf_tokenizer_files(out_dir)
+    if model_card:
+        (out_dir / "README.md").write_text(model_card)
+
+
+# ---------------------------------------------------------------- any path
+
+def _kind(path: Path) -> str:
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or directory")
+    if is_hf_directory(path):
+        return "hf"
+    if path.is_dir() and not list(path.glob("*.safetensors*")):
+        return "checkpoint"
+    return "gptds"
+
+
+def read_config(path: str | Path) -> GPTConfig:
+    """The GPTConfig of anything load_weights reads, without reading the weights."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "hf":
+        return hf_config_to_gptds(json.loads((path / "config.json").read_text()), path)
+    if kind == "checkpoint":
+        from gptds import checkpoint
+        return GPTConfig.from_dict(checkpoint.read_meta(checkpoint.resolve(path))["model_config"])
+    return load_gptds_weights(path)[0]
+
+
+def load_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Config and fp32 state dict from a gptds weights file (or sharded index, or a folder of one), a
+    Hugging Face GPT-2 directory, or a gptds training checkpoint (a step folder, or a checkpoint folder:
+    its newest complete step)."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "hf":
+        return load_hf_directory(path)
+    if kind == "checkpoint":
+        from gptds.convert import consolidate_checkpoint  # training checkpoints need DeepSpeed's reader
+        return consolidate_checkpoint(path)
+    return load_gptds_weights(path)
+
+
+def load_model(path: str | Path) -> GPT:
+    return model_from_state_dict(*load_weights(path))

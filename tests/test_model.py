@@ -1,0 +1,160 @@
+"""The GPT engine: parameter counts, state-dict keys, config validation, initialisation, activation
+checkpointing and the KV cache."""
+
+import math
+
+import pytest
+import torch
+
+from gptds.model import GPT, PRESETS, GPTConfig, attention_backend
+
+
+def test_gpt2_has_exactly_124439808_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_parameters() == 124_439_808
+    assert model.num_parameters(exclude_position_embedding=True) == 124_439_808 - 1024 * 768
+
+
+@pytest.mark.parametrize("name,expected", [("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+                                           ("gpt2-xl", 1_557_611_200)])
+def test_larger_presets_match_openai_sizes(name, expected):
+    with torch.device("meta"):
+        assert GPT(GPTConfig.from_preset(name)).num_parameters() == expected
+
+
+def test_vocab_padding_stores_50304_rows_but_returns_50257_logits():
+    config = GPTConfig.from_preset("tiny", pad_vocab_to_multiple_of=64)
+    assert config.padded_vocab_size == 50304
+    model = GPT(config)
+    assert model.transformer.wte.weight.shape == (50304, 64)
+    logits, _ = model(torch.zeros(1, 3, dtype=torch.long))
+    assert logits.shape == (1, 3, 50257)
+
+
+def test_state_dict_keys_are_gpt2_names():
+    keys = list(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11)).state_dict())
+    assert keys == [
+        "transformer.wte.weight", "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight", "transformer.h.0.attn.c_proj.bias",
+        "transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias",
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
+        "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias",
+        "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+
+
+def test_embeddings_are_tied():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000)
+    model = GPT(config)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.all(block.attn.c_attn.bias == 0)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(n_embd=100, n_head=3), "n_head"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(n_embd=-8), "n_embd"),
+    (dict(block_size=0), "block_size"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig.from_preset("tiny", **overrides)
+
+
+def test_unknown_preset_lists_the_allowed_names():
+    with pytest.raises(ValueError) as e:
+        GPTConfig.from_preset("gpt5")
+    for name in PRESETS:
+        assert name in str(e.value)
+
+
+def test_loss_ignores_minus_100_targets():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    x = torch.randint(0, 50257, (2, 8))
+    y = x.clone()
+    y[:, :5] = -100
+    logits, loss = model(x, y)
+    manual = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 50257), y[:, 5:].reshape(-1))
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    x = torch.randint(0, 50257, (2, 16))
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = on
+        model(x, x)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_recomputes_blocks_in_backward():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    calls = []
+    model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randint(0, 50257, (1, 8))
+    for on, expected in ((False, 1), (True, 2)):
+        calls.clear()
+        model.activation_checkpointing = on
+        model(x, x)[1].backward()
+        assert len(calls) == expected
+
+
+def test_kv_cache_generation_equals_recomputing_the_whole_sequence():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    prompt = torch.randint(0, 50257, (2, 5))
+    cached = model.generate(prompt, 20, temperature=0)
+    ids = prompt
+    for _ in range(20):
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+def test_generation_slides_past_block_size():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
+    model = GPT(config).eval()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 12, temperature=0)
+    assert out.shape == (1, 15)
+    ids = torch.zeros(1, 3, dtype=torch.long)  # reference: crop to the last block_size tokens each step
+    for _ in range(12):
+        logits, _ = model(ids[:, -8:])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_is_seeded_and_stops_at_the_stop_token():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    a = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    first = a[0, 2].item()
+    stopped = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1),
+                             stop_token=first)
+    assert stopped.shape == (1, 3)
+
+
+def test_attention_backend_is_sdpa_on_cpu():
+    assert attention_backend(torch.device("cpu"), torch.bfloat16) == "sdpa"
