@@ -11,14 +11,14 @@ from gptds.errors import UserError
 
 
 def _prepare_text(args):
-    from gptds.data.prepare import PrepareTextConfig, prepare_text
     from gptds.config import from_flags
+    from gptds.data.prepare import PrepareTextConfig, prepare_text
     prepare_text(from_flags(PrepareTextConfig, args))
 
 
 def _prepare_dolly(args):
-    from gptds.data.prepare import PrepareDollyConfig, prepare_dolly
     from gptds.config import from_flags
+    from gptds.data.prepare import PrepareDollyConfig, prepare_dolly
     prepare_dolly(from_flags(PrepareDollyConfig, args))
 
 

@@ -55,6 +55,8 @@ class TrainConfig:
     lr: float = flag(1e-3, "peak learning rate")
     min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = flag(20, "linear warmup steps")
+    lr_decay_steps: int = flag(0, "steps of the cosine decay to min_lr, counted from step 0 (0: max_steps); "
+                                  "keep it fixed when a run is extended or stopped early")
     weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
     optimizer: str = flag("adamw8bit", "adamw8bit: bitsandbytes' fused 8-bit AdamW; adamw: 32-bit AdamW",
@@ -74,7 +76,7 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
             value = getattr(self, name)
             _require(value > 0, "train", name, value, "a positive integer")
-        for name in ("warmup_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
+        for name in ("warmup_steps", "lr_decay_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
             value = getattr(self, name)
             _require(value >= 0, "train", name, value, "0 or a positive integer")
         _require(self.lr > 0, "train", "lr", self.lr, "a positive number")

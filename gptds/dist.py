@@ -41,10 +41,13 @@ def init_distributed() -> DistInfo:
     if _info is not None:
         return _info
     env = os.environ
-    if "RANK" not in env:  # not launched: a single process, its own rendezvous on loopback
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    launched = "RANK" in env
+    # Not launched: a world of one with its own rendezvous on loopback (the environment is left alone,
+    # so processes this one starts do not inherit a rank).
+    init_method = "env://" if launched else f"tcp://127.0.0.1:{_free_port()}"
+    rank, world_size = (int(env["RANK"]), int(env["WORLD_SIZE"])) if launched else (0, 1)
+    if not launched:
+        env.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it; harmless to children
     local_rank = int(env.get("LOCAL_RANK", 0))
     local_world_size = int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", world_size)))
     if torch.cuda.is_available():
@@ -57,7 +60,7 @@ def init_distributed() -> DistInfo:
         # Ranks on one host share its cores; oversubscribed BLAS threads make every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        torch_dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
     _info = DistInfo(rank, local_rank, world_size, local_world_size, device)
     return _info
 

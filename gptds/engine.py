@@ -198,7 +198,27 @@ def load_checkpoint(engine, step_dir: Path) -> dict:
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise UserError(f"{step_dir}: DeepSpeed could not load this checkpoint")
+    replay_cpu_adam_bias_correction(engine)
     return client_state
+
+
+def replay_cpu_adam_bias_correction(engine) -> None:
+    """DeepSpeedCPUAdam's C++ side keeps beta1^t and beta2^t as running float products; a new process
+    would compute them with pow(), which differs in the last bits, so a resumed offload run would drift
+    from the uninterrupted one by ~1e-7. Replaying the products on a 1-element dummy makes it exact."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    base = getattr(engine.optimizer, "optimizer", None)
+    if not isinstance(base, DeepSpeedCPUAdam):
+        return
+    steps = {int(state["step"]) for state in base.state.values() if "step" in state}
+    if not steps:
+        return
+    assert len(steps) == 1, f"optimizer states disagree on the step count: {sorted(steps)}"
+    group = base.param_groups[0]
+    p, g, m, v = (torch.zeros(1) for _ in range(4))
+    for step in range(1, steps.pop() + 1):
+        base.ds_opt_adam.adam_update(base.opt_id, step, group["lr"], *group["betas"], group["eps"],
+                                     group["weight_decay"], group["bias_correction"], p, g, m, v)
 
 
 def universal_load_config(ds_config: dict) -> dict:

@@ -27,11 +27,11 @@ EXPECTED_DATA_KIND = {"pretrain": "text", "finetune": "instruct"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at decay_steps (then flat)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
@@ -74,6 +74,7 @@ class RunResult:
     stopped_by_signal: bool = False
     skipped_bad_steps: int = 0
     checkpoint: str | None = None
+    optimizer_state_bytes_per_param: float | None = None  # all ranks' optimizer state / parameter count
 
 
 # ---------------------------------------------------------------- set-up, all checked before work
@@ -192,6 +193,7 @@ def train(run: RunConfig) -> RunResult:
         if resume_meta.get("kind") == "universal":
             ds_config = engine.universal_load_config(ds_config)
     hellaswag_items = load_hellaswag(data.hellaswag_file, data.hellaswag_limit) if cfg.hellaswag_interval else []
+    tokens_per_step = data.batch_size * data.context_length * cfg.grad_accum_steps * info.world_size
 
     # The model: identical initial weights on every rank (same seed), then DeepSpeed partitions them.
     torch.manual_seed(cfg.seed)
@@ -205,6 +207,9 @@ def train(run: RunConfig) -> RunResult:
                     "Pass a pretraining checkpoint, weights file or Hugging Face GPT-2 folder.")
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(info.device)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
+    flops_per_step = flops_per_token(model.num_parameters(exclude_position_embedding=True), model_config.n_layer,
+                                     model_config.n_embd, data.context_length) * tokens_per_step
     optimizer = engine.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, ds_config)
     eng = engine.initialize(model, optimizer, ds_config)
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (dropout) from here on
@@ -220,10 +225,6 @@ def train(run: RunConfig) -> RunResult:
         dist.print0(f"resumed from {resume_dir} at step {result.step}")
 
     precision = engine.precision(ds_config)
-    n_params = model.num_parameters()
-    tokens_per_step = data.batch_size * data.context_length * cfg.grad_accum_steps * info.world_size
-    flops_per_step = flops_per_token(model.num_parameters(exclude_position_embedding=True), model_config.n_layer,
-                                     model_config.n_embd, data.context_length) * tokens_per_step
     peak = peak_flops(info.device, cfg.peak_tflops)
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
             "data_dir": str(data_dir), "data_manifest_sha256": data_sha256, "world_size": info.world_size,
@@ -249,7 +250,7 @@ def train(run: RunConfig) -> RunResult:
     try:
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
             engine.set_lr(eng, lr)
             eng.train()
             loss_sum, micro = 0.0, 0
@@ -279,6 +280,12 @@ def train(run: RunConfig) -> RunResult:
                 loss_sum += flags[0].item() / info.world_size
                 micro += 1
             step_loss = loss_sum / cfg.grad_accum_steps
+            if result.optimizer_state_bytes_per_param is None:  # states exist after the first step
+                local = sum(t.numel() * t.element_size() for t in engine.optimizer_state_tensors(eng))
+                total = dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)).item()
+                result.optimizer_state_bytes_per_param = total / n_params
+                _write(progress, f"optimizer state: {result.optimizer_state_bytes_per_param:.2f} bytes/parameter "
+                       f"({cfg.optimizer})")
             result.losses[step] = step_loss
             train_losses_since_eval.append(step_loss)
             result.step = step + 1
@@ -287,7 +294,7 @@ def train(run: RunConfig) -> RunResult:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
-            if step % cfg.log_interval == 0 or result.step == cfg.max_steps:
+            if result.step % cfg.log_interval == 0 or step == start_step or result.step == cfg.max_steps:
                 recent = step_times[-cfg.log_interval:]
                 tokens_per_second = tokens_per_step * len(recent) / sum(recent)
                 metrics = {"loss": step_loss, "lr": lr, "grad_norm": engine.grad_norm(eng),
@@ -352,8 +359,8 @@ def _due(interval: int, step: int, last: bool) -> bool:
 
 
 def _instruction_prompt(question: str) -> str:
-    from gptds.data.instruct import render_prompt
-    return render_prompt(question, "")
+    from gptds.data.instruct import InstructRecord, render_prompt
+    return render_prompt(InstructRecord(instruction=question, context="", response=""))
 
 
 def _log_samples(eng, prompts, cfg, step, log, progress, info) -> None:

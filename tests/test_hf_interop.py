@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 import transformers  # noqa: E402  (dev extra: the reference implementation)
 
 from gptds.__main__ import main  # noqa: E402

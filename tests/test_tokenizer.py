@@ -1,6 +1,6 @@
 """The GPT-2 tokenizer works offline from the shipped BPE file and gives GPT-2's ids."""
 
-from gptds.tokenizer import EOT_ID, BPE_FILE, decode, encode, get_tokenizer
+from gptds.tokenizer import BPE_FILE, EOT_ID, decode, encode, get_tokenizer
 
 
 def test_known_ids():

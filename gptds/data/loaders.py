@@ -1,0 +1,247 @@
+"""Batches for the trainer from prepared folders: TextLoader reads consecutive token windows of the
+pretraining shards, InstructLoader packs whole instruction records into loss-masked rows. Both are
+distributed (rank r takes its slice of each global step), deterministic for a seed and exactly resumable.
+
+The position is global and identical on every rank: (epoch, cursor) where the next global step starts,
+a global step being world_size * batch_size sequences. The cursor counts windows (text) or records of
+the epoch's order (instruct). Resuming at the same global batch size continues with exactly the
+batches an uninterrupted run would have seen, on any world size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptds.data.instruct import pack_row, row_to_xy
+from gptds.data.shards import (
+    INDEX_DTYPE,
+    MANIFEST_NAME,
+    SPLITS,
+    TOKEN_DTYPE,
+    data_sha256,
+    load_manifest,
+    manifest_sha256,
+)
+from gptds.errors import UserError
+
+__all__ = ["InstructLoader", "TextLoader", "build_loader", "load_manifest", "manifest_sha256"]
+
+STATE_VERSION = 1
+
+
+class _Loader:
+    """What both loaders share: settings, the global position, state_dict/load_state_dict and reset.
+    A subclass implements _rows(): this rank's rows of the next global step, advancing the position."""
+    kind = ""
+
+    def __init__(self, data_dir: Path, manifest: dict, split: str, batch_size: int, context_length: int,
+                 rank: int, world_size: int, seed: int, shuffle: bool):
+        self.data_dir, self.manifest, self.split = Path(data_dir), manifest, split
+        self.batch_size, self.context_length = batch_size, context_length
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.tokens_per_batch = batch_size * context_length  # per rank and call of next_batch
+        self.data_sha256 = data_sha256(manifest)
+        self.shards = [entry for entry in manifest["shards"] if entry["split"] == split]
+        if not self.shards:
+            raise UserError(f"{self.data_dir / MANIFEST_NAME}: the dataset has no {split!r} shards")
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> order, for the one or two epochs in use
+        self.reset()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per global step, over all ranks."""
+        return self.world_size * self.batch_size
+
+    def reset(self) -> None:
+        """Back to the very start of epoch 0 (the trainer does this to the val loader before evaluating)."""
+        self.epoch = 0
+        self.cursor = 0
+
+    def _order(self, epoch: int, items: np.ndarray) -> np.ndarray:
+        """The epoch's order of `items` (shard or record ids): permuted from (seed, epoch) when shuffling,
+        else unchanged. PCG64 seeded by a sequence gives the same permutation on every platform."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a step spans at most two epochs (or more for tiny data: recomputed)
+                self._orders.pop(min(self._orders))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(items)) if self.shuffle else None
+            self._orders[epoch] = items[perm] if self.shuffle else items
+        return self._orders[epoch]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (batch_size, context_length) int64 on CPU; y holds the next tokens, -100 where no loss is taken."""
+        xs, ys = zip(*self._rows(), strict=True)
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+    def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "kind": self.kind, "split": self.split, "epoch": self.epoch,
+                "cursor": self.cursor, "seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size,
+                "batch_size": self.batch_size, "context_length": self.context_length,
+                "manifest_sha256": self.data_sha256}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict. A change that would silently alter the data order is a UserError;
+        another world size is fine while world_size * batch_size stays the same."""
+        where = f"cannot resume the {self.split} loader of {self.data_dir}"
+        now = self.state_dict()
+        missing = [key for key in now if key not in state]
+        if missing:
+            raise UserError(f"{where}: the saved loader state lacks {', '.join(missing)}")
+        reasons = {
+            "kind": "the saved state is for another kind of data",
+            "split": "the saved state is for another split",
+            "manifest_sha256": "the prepared data changed since the state was saved",
+            "seed": "the seed decides the shuffling order",
+            "shuffle": "shuffling decides the order",
+            "context_length": "sequence boundaries depend on it",
+        }
+        for key, why in reasons.items():
+            if state[key] != now[key]:
+                raise UserError(f"{where}: {key} was {state[key]!r}, now {now[key]!r} ({why}); use the saved value "
+                                "or start the data from the beginning")
+        saved_global = state["world_size"] * state["batch_size"]
+        if saved_global != self.global_batch_size:
+            raise UserError(f"{where}: the global batch was world_size {state['world_size']} x batch_size "
+                            f"{state['batch_size']} = {saved_global} sequences, now {self.world_size} x "
+                            f"{self.batch_size} = {self.global_batch_size}; keep world_size * batch_size equal "
+                            "so each step reads the same sequences")
+        if not (0 <= state["cursor"] < self._epoch_size() and state["epoch"] >= 0):
+            raise UserError(f"{where}: position epoch {state['epoch']}, cursor {state['cursor']} is out of range")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+    def _epoch_size(self) -> int:
+        raise NotImplementedError
+
+
+class TextLoader(_Loader):
+    """Windows of context_length + 1 tokens, one after another (each starts where the previous one's
+    last target is, so every token is a target once) through the epoch's shard order; the stream runs
+    on across shard ends. A global step takes the next world_size * batch_size windows, rank r the
+    r-th group of batch_size; after the last whole window the next epoch starts with the shard order
+    reshuffled from (seed, epoch) (shuffle=False: manifest order)."""
+    kind = "text"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokens = [np.memmap(self.data_dir / e["file"], dtype=TOKEN_DTYPE, mode="r") for e in self.shards]
+        self._sizes = np.array([len(t) for t in self._tokens], dtype=np.int64)
+        self.num_tokens = int(self._sizes.sum())
+        self.windows_per_epoch = (self.num_tokens - 1) // self.context_length
+        if self.windows_per_epoch == 0:
+            raise UserError(f"{self.data_dir}: the {self.split} split has {self.num_tokens} tokens, fewer than "
+                            f"context_length + 1 = {self.context_length + 1}; use a smaller context_length or "
+                            "prepare more data (--val_fraction / --val_block_tokens for the val split)")
+
+    def _epoch_size(self) -> int:
+        return self.windows_per_epoch
+
+    def _window(self, epoch: int, index: int) -> np.ndarray:
+        """Window `index` of the epoch: tokens [index * T, index * T + T + 1) of its shard stream, (T + 1,)."""
+        order = self._order(epoch, np.arange(len(self._tokens)))
+        starts = np.concatenate([[0], np.cumsum(self._sizes[order])[:-1]])  # stream offset of each shard
+        begin, length = index * self.context_length, self.context_length + 1
+        out = np.empty(length, dtype=np.int64)
+        k = int(np.searchsorted(starts, begin, side="right")) - 1
+        filled = 0
+        while filled < length:  # at most a few shards: a window can cross shard ends
+            shard = self._tokens[order[k]]
+            offset = begin + filled - int(starts[k])
+            piece = shard[offset:offset + length - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            k += 1
+        return out
+
+    def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = []
+        for b in range(self.batch_size):
+            i = self.cursor + self.rank * self.batch_size + b  # window index counted from this epoch's start
+            window = self._window(self.epoch + i // self.windows_per_epoch, i % self.windows_per_epoch)
+            rows.append((window[:-1], window[1:]))
+        end = self.cursor + self.global_batch_size
+        self.epoch += end // self.windows_per_epoch
+        self.cursor = end % self.windows_per_epoch
+        return rows
+
+
+class InstructLoader(_Loader):
+    """Records in a per-epoch order (a permutation from (seed, epoch), or manifest order without
+    shuffle) packed greedily, whole, into rows of context_length + 1 tokens padded with EOT; a row ends
+    at the epoch's end. A global step takes the next world_size * batch_size rows, rank r the r-th group.
+    Records longer than a row (prepared for a larger context_length) lose their end (truncated_records);
+    those whose prompt alone fills a row have nothing to learn and are left out (dropped_records)."""
+    kind = "instruct"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokens, shard_of, starts, lengths, prompt_lens = [], [], [], [], []
+        for k, entry in enumerate(self.shards):
+            tokens = np.memmap(self.data_dir / entry["file"], dtype=TOKEN_DTYPE, mode="r")
+            index = np.fromfile(self.data_dir / entry["index_file"], dtype=INDEX_DTYPE).reshape(-1, 2)
+            self._tokens.append(tokens)
+            shard_of.append(np.full(len(index), k, dtype=np.int64))
+            starts.append(index[:, 0])
+            lengths.append(np.diff(np.append(index[:, 0], len(tokens))))  # a record ends where the next starts
+            prompt_lens.append(index[:, 1])
+        row_len = self.context_length + 1
+        lengths, prompt_lens = np.concatenate(lengths), np.concatenate(prompt_lens)
+        keep = prompt_lens <= self.context_length  # at least one response token fits the row
+        self.dropped_records = int((~keep).sum())
+        self.truncated_records = int((keep & (lengths > row_len)).sum())
+        self._records = np.flatnonzero(keep)  # record ids (positions in the arrays below) in use
+        self._shard_of, self._starts = np.concatenate(shard_of), np.concatenate(starts)
+        self._lengths, self._prompt_lens = np.minimum(lengths, row_len), prompt_lens
+        self.num_records = len(self._records)
+        if self.num_records == 0:
+            raise UserError(f"{self.data_dir}: no {self.split} record fits context_length {self.context_length} "
+                            f"({self.dropped_records} records have longer prompts); use a larger context_length")
+
+    def _epoch_size(self) -> int:
+        return self.num_records
+
+    def _pack(self, num_rows: int) -> list[list[int]]:
+        """The next num_rows rows from the current position, as lists of record ids; advances the position."""
+        row_len = self.context_length + 1
+        rows = []
+        while len(rows) < num_rows:
+            order = self._order(self.epoch, self._records)
+            row, used = [], 0
+            while self.cursor < self.num_records and used + self._lengths[order[self.cursor]] <= row_len:
+                row.append(int(order[self.cursor]))
+                used += int(self._lengths[order[self.cursor]])
+                self.cursor += 1
+            rows.append(row)
+            if self.cursor == self.num_records:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return rows
+
+    def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = self._pack(self.global_batch_size)  # every rank packs the whole step: only lengths are read
+        out = []
+        for row in rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]:
+            records = []
+            for j in row:
+                start = int(self._starts[j])
+                records.append((self._tokens[self._shard_of[j]][start:start + self._lengths[j]],
+                                int(self._prompt_lens[j])))
+            out.append(row_to_xy(*pack_row(records, self.context_length + 1)))
+        return out
+
+
+def build_loader(data_dir, split: str, batch_size: int, context_length: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool = True) -> TextLoader | InstructLoader:
+    """The loader for a prepared folder's split, by its manifest's kind (text or instruct)."""
+    manifest = load_manifest(data_dir)
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    for name, value in (("batch_size", batch_size), ("context_length", context_length), ("world_size", world_size)):
+        if value <= 0:
+            raise UserError(f"{name} = {value} is not allowed: a positive integer")
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not allowed: 0 <= rank < world_size ({world_size})")
+    cls = TextLoader if manifest["kind"] == "text" else InstructLoader
+    return cls(Path(data_dir), manifest, split, batch_size, context_length, rank, world_size, seed, shuffle)

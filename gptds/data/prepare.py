@@ -1,0 +1,318 @@
+"""`gptds prepare text` and `gptds prepare dolly`: their settings (PrepareTextConfig, PrepareDollyConfig)
+and the two pipelines, which stream inputs through tokeniser processes into uint16 shards and a manifest
+(formats in shards.py; instruction records are stored as tokens plus an index of (start, prompt_len))."""
+# ruff: noqa: RUF009  (gptds.config.flag returns a dataclasses.field, as in gptds.config)
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gptds.config import _require, flag
+from gptds.data.instruct import (
+    TEMPLATE,
+    TEMPLATE_NO_INPUT,
+    InstructRecord,
+    detect_layout,
+    encode_records,
+    record_from_fields,
+)
+from gptds.data.shards import FORMAT, SPLITS, VERSION, ShardWriter, staged_output, write_manifest
+from gptds.data.sources import (
+    RECORD_SUFFIXES,
+    TEXT_SUFFIXES,
+    ReadReport,
+    batch_pieces,
+    iter_documents,
+    iter_file_records,
+    iter_hub_records,
+    iter_record_texts,
+    list_input_files,
+    tokenize_pieces,
+)
+from gptds.errors import UserError
+from gptds.tokenizer import EOT_ID, VOCAB_SIZE
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+INSTRUCT_FORMATS = ("auto", "dolly", "alpaca")
+RECORDS_PER_JOB = 256  # instruction records per work item (~250 KB of text for Dolly)
+
+
+@dataclass
+class PrepareTextConfig:
+    input: list[str] | None = flag(None, ".txt/.jsonl/.json/.parquet files or folders of them (searched "
+                                         "recursively, in sorted order); a .txt file is one document")
+    dataset: str | None = flag(None, "instead of --input: a Hugging Face dataset name (or local dataset folder) "
+                                     "for datasets.load_dataset")
+    dataset_config: str | None = flag(None, "the dataset's configuration name")
+    dataset_split: str = flag("train", "the dataset split to read")
+    streaming: bool = flag(True, "stream the dataset rather than download it whole first")
+    text_field: str = flag("text", "the record field holding a document (.jsonl/.json/.parquet/dataset)")
+    output_dir: str = flag("data/text", "folder for the shards and manifest.json")
+    shard_size: int = flag(100_000_000, "tokens per shard file")
+    val_fraction: float = flag(0.01, "share of the token stream for validation: every round(1/val_fraction)-th "
+                                     "block, starting with block 0")
+    val_block_tokens: int = flag(4096, "the train/val split cuts the token stream into blocks of this many tokens")
+    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)")
+    skip_bad: bool = flag(False, "skip (and count) malformed records instead of stopping at the first")
+    overwrite: bool = flag(False, "replace a non-empty --output_dir")
+
+    def __post_init__(self):
+        _check_source(self, "prepare_text")
+        _require(bool(self.text_field), "prepare_text", "text_field", self.text_field, "a field name")
+        _check_common(self, "prepare_text")
+        _require(0 < self.val_fraction <= 0.5, "prepare_text", "val_fraction", self.val_fraction,
+                 "a number in (0, 0.5]")
+        _require(self.val_block_tokens > 0, "prepare_text", "val_block_tokens", self.val_block_tokens,
+                 "a positive integer")
+
+
+@dataclass
+class PrepareDollyConfig:
+    input: list[str] | None = flag(None, ".jsonl/.json/.parquet files (or folders of them) of instruction records")
+    dataset: str | None = flag(None, "instead of --input: a Hugging Face dataset, e.g. databricks/databricks-dolly-15k")
+    dataset_config: str | None = flag(None, "the dataset's configuration name")
+    dataset_split: str = flag("train", "the dataset split to read")
+    streaming: bool = flag(True, "stream the dataset rather than download it whole first")
+    format: str = flag("auto", "record layout: dolly (instruction, context, response, category), alpaca "
+                               "(instruction, input, output), or auto: from the first record's fields",
+                       choices=INSTRUCT_FORMATS)
+    output_dir: str = flag("data/dolly", "folder for the shards and manifest.json")
+    context_length: int = flag(1024, "tokens per training sequence: longer records lose the end of their "
+                                     "response, records whose prompt alone is longer are dropped")
+    shard_size: int = flag(10_000_000, "tokens per shard file (records are not split across shards)")
+    val_fraction: float = flag(0.05, "share of records for validation, chosen by a hash of each record's text")
+    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)")
+    skip_bad: bool = flag(False, "skip (and count) malformed records instead of stopping at the first")
+    overwrite: bool = flag(False, "replace a non-empty --output_dir")
+
+    def __post_init__(self):
+        _check_source(self, "prepare_dolly")
+        _require(self.format in INSTRUCT_FORMATS, "prepare_dolly", "format", self.format, ", ".join(INSTRUCT_FORMATS))
+        _require(self.context_length > 0, "prepare_dolly", "context_length", self.context_length, "a positive integer")
+        _check_common(self, "prepare_dolly")
+        _require(0 < self.val_fraction < 1, "prepare_dolly", "val_fraction", self.val_fraction, "a number in (0, 1)")
+
+
+def _check_source(cfg, section: str) -> None:
+    if bool(cfg.input) == bool(cfg.dataset):
+        raise UserError(f"{section}: give exactly one of --input FILE_OR_FOLDER ... and --dataset NAME "
+                        f"(got input={cfg.input!r}, dataset={cfg.dataset!r})")
+
+
+def _check_common(cfg, section: str) -> None:
+    _require(cfg.shard_size > 0, section, "shard_size", cfg.shard_size, "a positive integer")
+    _require(cfg.num_workers >= 0, section, "num_workers", cfg.num_workers, "0 (this process) or more")
+    _require(bool(cfg.output_dir), section, "output_dir", cfg.output_dir, "a folder path")
+
+
+# ---------------------------------------------------------------- shared machinery
+
+def map_in_order(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
+    """fn(item) for each item, in input order, computed by num_workers processes (0: here). At most
+    2 * num_workers + 2 items are in flight: Pool.imap would read the whole input ahead into memory."""
+    if num_workers == 0:
+        yield from map(fn, items)
+        return
+    # spawn: a worker starts fresh and imports what fn's module needs (numpy, tiktoken), not the torch
+    # the parent loaded, and no parent thread (tqdm's monitor) is forked mid-lock.
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * num_workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _source(cfg, files: list[Path] | None) -> dict:
+    if cfg.dataset:
+        return {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
+                "streaming": cfg.streaming}
+    return {"inputs": list(cfg.input), "files": [str(p) for p in files]}
+
+
+def _manifest_head(kind: str) -> dict:
+    return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": "gpt2", "dtype": "uint16",
+            "vocab_size": VOCAB_SIZE, "eot_token": EOT_ID}
+
+
+def _manifest_tail(cfg, files: list[Path] | None) -> dict:
+    return {"source": _source(cfg, files), "command": list(sys.argv),
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _progress(unit: str) -> tqdm:
+    return tqdm(unit=unit, mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
+
+
+def _describe_input(cfg) -> str:
+    return f"dataset {cfg.dataset}" if cfg.dataset else ", ".join(cfg.input)
+
+
+# ---------------------------------------------------------------- text
+
+def _route_blocks(tokens: np.ndarray, position: int, block_tokens: int, val_every: int,
+                  writers: dict[str, ShardWriter]) -> int:
+    """Write tokens (which start at stream position `position`) block by block: block i of
+    block_tokens tokens goes to val when i % val_every == 0, else to train. Returns the new position."""
+    while len(tokens):
+        block = position // block_tokens
+        n = min(len(tokens), (block + 1) * block_tokens - position)
+        writers["val" if block % val_every == 0 else "train"].write(tokens[:n])
+        tokens = tokens[n:]
+        position += n
+    return position
+
+
+def prepare_text(cfg: PrepareTextConfig) -> Path:
+    """Tokenise a corpus into train/val uint16 shards under cfg.output_dir; returns that folder."""
+    output_dir = Path(cfg.output_dir)
+    report = ReadReport(skip_bad=cfg.skip_bad)
+    files = None
+    if cfg.input:
+        files = list_input_files(cfg.input, TEXT_SUFFIXES)
+        pieces = iter_documents(files, cfg.text_field, report)
+    else:
+        records = iter_hub_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.streaming)
+        pieces = iter_record_texts(records, cfg.text_field, report)
+    val_every = round(1 / cfg.val_fraction)  # blocks; the realised val share is 1 / val_every
+    start = time.perf_counter()
+    documents = chars = position = 0
+    with staged_output(output_dir, cfg.overwrite) as staging:
+        writers = {split: ShardWriter(staging, split, cfg.shard_size) for split in SPLITS}
+        with _progress(" docs") as bar:
+            for tokens, n_documents, n_chars in map_in_order(tokenize_pieces, batch_pieces(pieces), cfg.num_workers):
+                position = _route_blocks(tokens, position, cfg.val_block_tokens, val_every, writers)
+                documents += n_documents
+                chars += n_chars
+                bar.update(n_documents)
+                bar.set_postfix_str(f"{position / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+        shards = [entry for writer in writers.values() for entry in writer.close()]
+        if documents == 0:
+            raise UserError(f"no documents in {_describe_input(cfg)}: the input is empty "
+                            f"({report.empty_documents} empty documents, {report.skipped_bad} bad records skipped); "
+                            "nothing was written")
+        if writers["train"].num_tokens == 0:
+            raise UserError(f"the train split would be empty: all {position} tokens fall in validation block 0 "
+                            f"(--val_block_tokens {cfg.val_block_tokens}); lower --val_block_tokens below "
+                            f"{position} or give more text")
+        splits = {split: {"num_tokens": w.num_tokens, "num_shards": len(w.shards)} for split, w in writers.items()}
+        manifest = _manifest_head("text") | {
+            "shards": shards, "splits": splits, "documents": documents, "empty_documents": report.empty_documents,
+            "skipped_bad": report.skipped_bad, "val_fraction": cfg.val_fraction,
+            "val_block_tokens": cfg.val_block_tokens, "val_every_blocks": val_every, "shard_size": cfg.shard_size,
+        } | _manifest_tail(cfg, files)
+        write_manifest(staging, manifest)
+    seconds = time.perf_counter() - start
+    print(f"prepared {output_dir}: {documents:,} documents, {position:,} tokens "
+          f"(train {splits['train']['num_tokens']:,}, val {splits['val']['num_tokens']:,}; shards: {len(shards)}) "
+          f"in {seconds:.2f} s, "
+          f"{position / seconds:,.0f} tokens/s, {chars / seconds / 1e6:.1f} M characters/s")
+    _print_skipped(report)
+    return output_dir
+
+
+def _print_skipped(report: ReadReport) -> None:
+    if report.empty_documents:
+        print(f"skipped {report.empty_documents} documents with empty text")
+    if report.skipped_bad:
+        print(f"skipped {report.skipped_bad} bad records (--skip_bad), e.g.:")
+        for message in report.bad_examples:
+            print(f"  {message}")
+
+
+# ---------------------------------------------------------------- instruction records
+
+def _instruct_records(cfg: PrepareDollyConfig, files: list[Path] | None, report: ReadReport,
+                      found: dict) -> Iterator[InstructRecord]:
+    """Records of the input, validated; found["layout"] is set from the first record (--format auto)."""
+    if files is None:
+        raw = iter_hub_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.streaming)
+    else:
+        raw = (item for path in files for item in iter_file_records(path, report))
+    for fields, location in raw:
+        if found["layout"] is None:
+            found["layout"] = detect_layout(fields, location) if cfg.format == "auto" else cfg.format
+        try:
+            yield record_from_fields(fields, found["layout"], location)
+        except UserError as e:
+            report.bad(str(e))
+
+
+def _jobs(records: Iterator[InstructRecord], context_length: int) -> Iterator[tuple[list[InstructRecord], int]]:
+    batch = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == RECORDS_PER_JOB:
+            yield batch, context_length
+            batch = []
+    if batch:
+        yield batch, context_length
+
+
+def prepare_dolly(cfg: PrepareDollyConfig) -> Path:
+    """Render and tokenise instruction records into train/val shards with (start, prompt_len) indexes."""
+    output_dir = Path(cfg.output_dir)
+    report = ReadReport(skip_bad=cfg.skip_bad)
+    files = list_input_files(cfg.input, RECORD_SUFFIXES) if cfg.input else None
+    found = {"layout": None}
+    records = _instruct_records(cfg, files, report, found)
+    status = Counter()  # ok / truncated / dropped
+    categories = {split: Counter() for split in SPLITS}
+    start = time.perf_counter()
+    with staged_output(output_dir, cfg.overwrite) as staging:
+        writers = {split: ShardWriter(staging, split, cfg.shard_size, with_index=True) for split in SPLITS}
+        with _progress(" records") as bar:
+            for results in map_in_order(encode_records, _jobs(records, cfg.context_length), cfg.num_workers):
+                for encoded, key, category in results:
+                    status[encoded.status] += 1
+                    if encoded.status == "dropped":
+                        continue
+                    split = "val" if key < cfg.val_fraction else "train"
+                    writers[split].write_record(encoded.tokens, encoded.prompt_len)
+                    categories[split][category] += 1
+                bar.update(len(results))
+        shards = [entry for writer in writers.values() for entry in writer.close()]
+        kept = status["ok"] + status["truncated"]
+        if not status:
+            raise UserError(f"no records in {_describe_input(cfg)}: the input is empty "
+                            f"({report.skipped_bad} bad records skipped); nothing was written")
+        if kept == 0:
+            raise UserError(f"all {status['dropped']} records were dropped: each prompt alone is longer than "
+                            f"--context_length {cfg.context_length} tokens; raise --context_length")
+        for split, fix in (("train", "lower"), ("val", "raise")):
+            if writers[split].num_records == 0:
+                raise UserError(f"the {split} split would be empty: none of the {kept} records fell in it with "
+                                f"--val_fraction {cfg.val_fraction}; {fix} --val_fraction or give more records")
+        splits = {split: {"num_tokens": w.num_tokens, "num_records": w.num_records, "num_shards": len(w.shards)}
+                  for split, w in writers.items()}
+        manifest = _manifest_head("instruct") | {
+            "shards": shards, "splits": splits, "template": TEMPLATE, "template_no_input": TEMPLATE_NO_INPUT,
+            "layout": found["layout"], "context_length": cfg.context_length,
+            "records": {split: w.num_records for split, w in writers.items()},
+            "truncated": status["truncated"], "dropped": status["dropped"], "skipped_bad": report.skipped_bad,
+            "categories": {split: dict(sorted(c.items())) for split, c in categories.items()},
+            "val_fraction": cfg.val_fraction, "shard_size": cfg.shard_size,
+        } | _manifest_tail(cfg, files)
+        write_manifest(staging, manifest)
+    seconds = time.perf_counter() - start
+    print(f"prepared {output_dir}: {kept:,} {found['layout']} records (train {splits['train']['num_records']:,}, "
+          f"val {splits['val']['num_records']:,}), {splits['train']['num_tokens'] + splits['val']['num_tokens']:,} "
+          f"tokens in {seconds:.1f} s")
+    if status["truncated"] or status["dropped"]:
+        print(f"context_length {cfg.context_length}: {status['truncated']} records truncated (response end cut, "
+              f"no end token), {status['dropped']} dropped (prompt alone too long)")
+    _print_skipped(report)
+    return output_dir

@@ -1,0 +1,233 @@
+"""Prepared data folders: uint16 token shards (plus, for instruction data, an int64 index per shard)
+hashed while they are written; manifest.json that describes them; and a staging folder that is renamed
+to the output name only after everything, manifest last, is written, so no reader sees a partial folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from gptds.errors import UserError
+
+FORMAT = "gptds-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KINDS = ("text", "instruct")
+SPLITS = ("train", "val")
+TOKEN_DTYPE = np.dtype("<u2")   # GPT-2 ids < 65536; raw little-endian, no header
+INDEX_DTYPE = np.dtype("<i8")   # instruct index rows: (start token, prompt_len), 16 bytes per record
+# The manifest keys that define the data; the hash of these is what checkpoints record.
+DATA_KEYS = ("format", "version", "kind", "tokenizer", "dtype", "vocab_size", "eot_token", "shards")
+PREPARE_HINT = "`gptds prepare text ...` or `gptds prepare dolly ...`"
+
+
+class ShardWriter:
+    """Writes one split as {split}_000000.bin, {split}_000001.bin, ... of at most shard_size tokens.
+    Text data is a stream (write); instruction data is whole records (write_record), never split
+    across shards, with an index file {split}_NNNNNN.idx of (start, prompt_len) int64 rows."""
+
+    def __init__(self, folder: Path, split: str, shard_size: int, with_index: bool = False):
+        self.folder, self.split, self.shard_size, self.with_index = Path(folder), split, shard_size, with_index
+        self.shards: list[dict] = []  # manifest entries of the closed shards
+        self.num_tokens = 0
+        self.num_records = 0
+        self._file = self._index = None
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):06d}"
+        self._entry = {"split": self.split, "file": f"{name}.bin", "num_tokens": 0}
+        self._file = open(self.folder / self._entry["file"], "wb")  # noqa: SIM115 (open until the shard is full)
+        self._hash = hashlib.sha256()
+        if self.with_index:
+            self._entry.update(index_file=f"{name}.idx", num_records=0)
+            self._index = open(self.folder / self._entry["index_file"], "wb")  # noqa: SIM115
+            self._index_hash = hashlib.sha256()
+
+    def _close_shard(self) -> None:
+        for f in (self._file, self._index):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        self._entry["sha256"] = self._hash.hexdigest()
+        if self.with_index:
+            self._entry["index_sha256"] = self._index_hash.hexdigest()
+        self.shards.append(self._entry)
+        self._file = self._index = None
+
+    def _append(self, tokens: np.ndarray) -> None:
+        data = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._entry["num_tokens"] += len(tokens)
+        self.num_tokens += len(tokens)
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Append tokens to the stream, starting a new shard each shard_size tokens."""
+        while len(tokens):
+            if self._file is None:
+                self._open()
+            room = self.shard_size - self._entry["num_tokens"]
+            self._append(tokens[:room])
+            tokens = tokens[room:]
+            if self._entry["num_tokens"] == self.shard_size:
+                self._close_shard()
+
+    def write_record(self, tokens: np.ndarray, prompt_len: int) -> None:
+        """Append one whole record; a record that would overflow a non-empty shard starts the next one."""
+        if self._file is not None and self._entry["num_tokens"] + len(tokens) > self.shard_size:
+            self._close_shard()
+        if self._file is None:
+            self._open()
+        row = np.array([self._entry["num_tokens"], prompt_len], dtype=INDEX_DTYPE).tobytes()
+        self._index.write(row)
+        self._index_hash.update(row)
+        self._entry["num_records"] += 1
+        self.num_records += 1
+        self._append(tokens)
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._close_shard()
+        return self.shards
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.is_file():
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UserError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it "
+                        "or choose another folder")
+
+
+@contextmanager
+def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh sibling folder <output_dir>.partial-<pid> to write into. On success it is renamed
+    to output_dir (replacing an existing one only with overwrite); on any error it is deleted, so the
+    output name never holds a half-written dataset. A killed run leaves only the .partial folder."""
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(f"{output_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        check_output_dir(output_dir, overwrite)  # again: something may have appeared meanwhile
+        if output_dir.exists():
+            old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    path = Path(folder) / MANIFEST_NAME
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_size(path: Path, expected_bytes: int, what: str, manifest_path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: listed in {manifest_path} but missing; prepare the data again with {PREPARE_HINT}")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise UserError(f"{path}: {size} bytes, but {manifest_path} says {what} ({expected_bytes} bytes): "
+                        f"the file was truncated or changed; prepare the data again with {PREPARE_HINT}")
+
+
+def load_manifest(data_dir) -> dict:
+    """The manifest of a prepared folder, after checking it and that every shard file has the size it
+    lists (hashes are not recomputed here: see verify_shards). UserError naming the folder or file."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} does not exist; prepare one with {PREPARE_HINT}")
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset; "
+                        f"prepare one with {PREPARE_HINT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); prepare the data again with {PREPARE_HINT}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a gptds manifest (format should be {FORMAT!r}); prepare the data with "
+                        f"{PREPARE_HINT}")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path}: manifest version {manifest.get('version')!r}, this gptds reads version {VERSION}")
+    if manifest.get("kind") not in KINDS:
+        raise UserError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}")
+    if manifest.get("dtype") != "uint16" or manifest.get("tokenizer") != "gpt2":
+        raise UserError(f"{path}: expected tokenizer 'gpt2' and dtype 'uint16', got "
+                        f"{manifest.get('tokenizer')!r} and {manifest.get('dtype')!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise UserError(f"{path}: 'shards' must be a list")
+    for entry in shards:
+        try:
+            if entry["split"] not in SPLITS:
+                raise UserError(f"{path}: shard {entry['file']!r} has split {entry['split']!r}, "
+                                f"not one of {', '.join(SPLITS)}")
+            _check_size(data_dir / entry["file"], entry["num_tokens"] * TOKEN_DTYPE.itemsize,
+                        f"{entry['num_tokens']} tokens", path)
+            if manifest["kind"] == "instruct":
+                _check_size(data_dir / entry["index_file"], entry["num_records"] * 2 * INDEX_DTYPE.itemsize,
+                            f"{entry['num_records']} records", path)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: shard entry {entry!r} lacks field {e}") from None
+    return manifest
+
+
+def manifest_sha256(data_dir) -> str:
+    """sha256 of the data-defining part of a folder's manifest (DATA_KEYS: the kind, tokenizer and the
+    shard list with each file's sha256), so re-preparing identical data from another command line or
+    path gives the same value, and any change of the tokens gives another."""
+    return data_sha256(load_manifest(data_dir))
+
+
+def data_sha256(manifest: dict) -> str:
+    """manifest_sha256 of an already loaded manifest."""
+    data = {key: manifest.get(key) for key in DATA_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_split(data_dir, split: str) -> np.ndarray:
+    """All tokens of a split, shards concatenated in manifest order: (num_tokens,) uint16. Loads the
+    whole split into memory; for inspection and tests, not for training."""
+    manifest = load_manifest(data_dir)
+    parts = [np.fromfile(Path(data_dir) / entry["file"], dtype=TOKEN_DTYPE)
+             for entry in manifest["shards"] if entry["split"] == split]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+
+
+def verify_shards(data_dir) -> None:
+    """Recompute every shard's (and index's) sha256 and compare with the manifest; UserError on a mismatch."""
+    data_dir = Path(data_dir)
+    for entry in load_manifest(data_dir)["shards"]:
+        for name_key, hash_key in (("file", "sha256"), ("index_file", "index_sha256")):
+            if name_key in entry and sha256_file(data_dir / entry[name_key]) != entry[hash_key]:
+                raise UserError(f"{data_dir / entry[name_key]}: sha256 differs from {data_dir / MANIFEST_NAME}; "
+                                f"the file changed since it was prepared")

@@ -1,0 +1,23 @@
+"""Shared fixtures: the bundled demo data prepared once per test session (tiny Shakespeare as text
+shards, the 300 bundled Dolly records as instruction shards)."""
+
+from pathlib import Path
+
+import pytest
+
+from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
+from gptds.tokenizer import ASSETS_DIR
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "text"
+    return prepare_text(PrepareTextConfig(input=[str(ASSETS_DIR / "tinyshakespeare.txt")], output_dir=str(out),
+                                          val_fraction=0.1, num_workers=0))
+
+
+@pytest.fixture(scope="session")
+def dolly_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "dolly"
+    return prepare_dolly(PrepareDollyConfig(input=[str(ASSETS_DIR / "dolly_sample.jsonl")], output_dir=str(out),
+                                            context_length=128, num_workers=0))
