@@ -4,6 +4,7 @@ that does the work. User mistakes (UserError) print one line and exit 2, without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -30,18 +31,30 @@ def _train(job):
     return run
 
 
+def _stdout_is_data(fn):
+    """For commands whose stdout is their result: library chatter (DeepSpeed logs to stdout) goes to
+    stderr while fn runs, and only the returned text reaches stdout."""
+    def run(args):
+        with contextlib.redirect_stdout(sys.stderr):
+            out = fn(args)
+        print(out)
+    return run
+
+
+@_stdout_is_data
 def _generate(args):
     from gptds.generate import generate_from_checkpoint
-    for text in generate_from_checkpoint(args.checkpoint, [args.prompt], max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed):
-        print(args.prompt + text)
+    texts = generate_from_checkpoint(args.checkpoint, [args.prompt], max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    return args.prompt + texts[0]
 
 
+@_stdout_is_data
 def _evaluate(args):
     from gptds.evaluate import evaluate_checkpoint
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, hellaswag_file=args.hellaswag, limit=args.limit,
-                                         data_dir=args.data_dir, batch_size=args.batch_size,
-                                         context_length=args.context_length, eval_batches=args.eval_batches)))
+    return json.dumps(evaluate_checkpoint(args.checkpoint, hellaswag_file=args.hellaswag, limit=args.limit,
+                                          data_dir=args.data_dir, batch_size=args.batch_size,
+                                          context_length=args.context_length, eval_batches=args.eval_batches))
 
 
 def build_parser() -> argparse.ArgumentParser:

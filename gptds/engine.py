@@ -125,6 +125,17 @@ def load_ds_config(path: Path, *, micro_batch_size: int, grad_accum_steps: int, 
     return config
 
 
+def check_precision_supported(path: Path, ds_config: dict) -> None:
+    """Refuse, before any work, a precision this machine's accelerator cannot train in (fp16 on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}
+    dtype = precision(ds_config)
+    if dtype in supported and not supported[dtype]():
+        raise UserError(f"{path} enables {dtype}, which DeepSpeed does not support on this "
+                        f"{accelerator.device_name()} device; use a bf16 or fp32 config (e.g. ds_configs/zero2_fp32.json)")
+
+
 def _check_schema(path: Path, config: dict) -> None:
     """DeepSpeed's own validation of every key (unknown keys, wrong types), reported as one line."""
     from deepspeed.runtime.config import DeepSpeedConfig

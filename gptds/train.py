@@ -50,6 +50,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def overfitting_warning(before: tuple[float, float] | None, now: tuple[float, float]) -> str | None:
+    """A warning when validation loss rose while training loss fell between two evaluations; each
+    argument is (val_loss, mean training loss since the evaluation before)."""
+    if before is None or not (now[0] > before[0] and now[1] < before[1]):
+        return None
+    return (f"WARNING: validation loss rose ({before[0]:.4f} -> {now[0]:.4f}) while training loss fell "
+            f"({before[1]:.4f} -> {now[1]:.4f}): the model is overfitting; fewer --max_steps or a lower --lr "
+            f"may generalise better")
+
+
 class StopRequest:
     """Remembers a SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary and exit 0."""
 
@@ -165,13 +175,13 @@ def train(run: RunConfig) -> RunResult:
     from gptds.data.loaders import build_loader, manifest_sha256
     info = dist.init_distributed()
     cfg, data = run.train, run.data
-    log = MetricsLogger(cfg.log_dir, info.is_main)
 
     # Everything that can be wrong with flags, config, data or checkpoint is found before any work.
     ds_config_path = engine.resolve_ds_config_path(cfg.deepspeed_config or engine.default_ds_config_name())
     ds_config = engine.load_ds_config(ds_config_path, micro_batch_size=data.batch_size,
                                       grad_accum_steps=cfg.grad_accum_steps, world_size=info.world_size,
                                       grad_clip=cfg.grad_clip, optimizer=cfg.optimizer)
+    engine.check_precision_supported(ds_config_path, ds_config)
     data_dir = Path(data.data_dir) if data.data_dir else prepare_demo_data(run, info)
     train_loader = build_loader(data_dir, "train", data.batch_size, data.context_length, info.rank,
                                 info.world_size, cfg.seed)
@@ -240,6 +250,7 @@ def train(run: RunConfig) -> RunResult:
                     f"{data.context_length} + 1 and are truncated")
 
     prompts = list(PRETRAIN_PROMPTS) if run.job == "pretrain" else [_instruction_prompt(q) for q in FINETUNE_INSTRUCTIONS]
+    log = MetricsLogger(cfg.log_dir, info.is_main)  # created once every check has passed
     stop = StopRequest()
     bad_in_a_row, step_times = 0, []
     prev_eval = None  # (val_loss, mean train loss since the eval before) for the overfitting warning
@@ -320,10 +331,9 @@ def train(run: RunConfig) -> RunResult:
                 _write(progress, f"step {result.step}: val_loss {result.val_loss:.4f} "
                        f"(perplexity {math.exp(min(result.val_loss, 50)):.1f})")
                 mean_train = sum(train_losses_since_eval) / len(train_losses_since_eval)
-                if prev_eval and result.val_loss > prev_eval[0] and mean_train < prev_eval[1]:
-                    _write(progress, f"WARNING: validation loss rose ({prev_eval[0]:.4f} -> {result.val_loss:.4f}) "
-                           f"while training loss fell ({prev_eval[1]:.4f} -> {mean_train:.4f}): the model is "
-                           f"overfitting; fewer --max_steps or a lower --lr may generalise better")
+                warning = overfitting_warning(prev_eval, (result.val_loss, mean_train))
+                if warning:
+                    _write(progress, warning)
                 prev_eval, train_losses_since_eval = (result.val_loss, mean_train), []
             if hellaswag_items and _due(cfg.hellaswag_interval, result.step, last):
                 eng.eval()

@@ -54,6 +54,17 @@ def test_bf16_is_the_default_precision_and_fp16_uses_dynamic_loss_scaling():
     assert by_name["zero3_offload"]["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
+def test_a_precision_the_device_lacks_is_refused():
+    from deepspeed.accelerator import get_accelerator
+    path = engine.resolve_ds_config_path("zero2_fp16")
+    if get_accelerator().is_fp16_supported():
+        engine.check_precision_supported(path, load(path))
+    else:  # CPU: DeepSpeed cannot train in fp16 here
+        with pytest.raises(UserError, match="enables fp16, which DeepSpeed does not support"):
+            engine.check_precision_supported(path, load(path))
+    engine.check_precision_supported(path, load(engine.resolve_ds_config_path("zero2_fp32")))
+
+
 def test_configs_resolve_by_name():
     assert engine.resolve_ds_config_path("zero3").name == "zero3.json"
     assert engine.resolve_ds_config_path("zero3.json").name == "zero3.json"

@@ -1,0 +1,45 @@
+"""Fine-tuning specifics: the loss counts response tokens only, and the overfitting warning."""
+
+import torch
+
+from gptds.data.loaders import build_loader
+from gptds.model import GPT, GPTConfig
+from gptds.train import lr_at, overfitting_warning
+
+
+def test_finetune_loss_counts_response_tokens_only(dolly_data):
+    loader = build_loader(dolly_data, "train", 2, 128, 0, 1, seed=0)
+    x, y = loader.next_batch()
+    counted = y != -100
+    assert 0 < counted.sum() < counted.numel()  # some prompt positions are excluded
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    with torch.no_grad():
+        logits, loss = model(x, y)
+        manual = torch.nn.functional.cross_entropy(logits[counted], y[counted])
+        assert abs(loss.item() - manual.item()) < 1e-5
+        # Changing what the model predicts at prompt positions does not move the loss...
+        poked = logits.clone()
+        poked[~counted] += torch.randn_like(poked[~counted]) * 10
+        assert abs(torch.nn.functional.cross_entropy(poked[counted], y[counted]).item() - loss.item()) < 1e-5
+        # ...while the same change at a response position does.
+        poked = logits.clone()
+        first = counted.nonzero()[0]
+        poked[first[0], first[1], y[first[0], first[1]]] += 5.0
+        assert torch.nn.functional.cross_entropy(poked[counted], y[counted]).item() < loss.item() - 1e-4
+
+
+def test_overfitting_warning_only_when_val_rises_while_train_falls():
+    assert overfitting_warning(None, (2.0, 1.0)) is None
+    assert overfitting_warning((2.0, 1.5), (1.9, 1.4)) is None   # both fall: fine
+    assert overfitting_warning((2.0, 1.5), (2.1, 1.6)) is None   # both rise: not overfitting
+    message = overfitting_warning((2.0, 1.5), (2.1, 1.4))
+    assert "validation loss rose (2.0000 -> 2.1000)" in message and "training loss fell" in message
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    lrs = [lr_at(s, 1e-3, 1e-4, 10, 100) for s in range(120)]
+    assert lrs[0] == 1e-4 and lrs[9] == 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert abs(lrs[55] - (1e-4 + 0.5 * 0.9e-3)) < 1e-12  # halfway through the cosine
+    assert lrs[100] == lrs[119] == 1e-4
