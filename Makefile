@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptds-installed
 RANKS ?= 2
+# One PATH for every command: DeepSpeed's JIT ops (compiled with ninja) rebuild when a different ninja runs.
+export PATH := $(abspath $(BIN)):$(PATH)
 # CPU-only machines install the CPU build of torch explicitly: an unpinned torch pulls several GB of CUDA packages.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 

@@ -114,9 +114,14 @@ def resolve(path: str | Path) -> Path:
         return path
     latest = find_latest(path)
     if latest is None:
-        partial = [p.name for p in step_dirs(path)]
-        raise UserError(f"{path}: no complete checkpoint here" + (f" (incomplete: {', '.join(partial)})" if partial
-                                                                  else " (no step_* folders)"))
+        partial = step_dirs(path)
+        if not partial:
+            raise UserError(f"{path}: no complete checkpoint here (no step_* folders)")
+        try:
+            verify(partial[-1])
+        except UserError as why:  # say what is wrong with the newest one
+            raise UserError(f"{path}: no complete checkpoint here (incomplete: "
+                            f"{', '.join(p.name for p in partial)}; {why})") from None
     return latest
 
 

@@ -23,7 +23,7 @@ def flag(default, help: str, short: str | None = None, choices=None):
     return field(default=default, metadata=dict(help=help, short=short, choices=choices))
 
 
-def _require(cond: bool, section: str, name: str, value, allowed: str) -> None:
+def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
     if not cond:
         raise UserError(f"--{name} ({section}.{name}) = {value!r} is not allowed: {allowed}")
 
@@ -35,14 +35,15 @@ class DataConfig:
     batch_size: int = flag(8, "micro batch per rank, in sequences", short="-B")
     context_length: int = flag(256, "tokens per sequence", short="-T")
     eval_batches: int = flag(8, "validation batches per rank at each evaluation")
-    hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled 500-item sample")
+    hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled "
+                                            "500-item sample")
     hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)")
 
     def __post_init__(self):
         for name in ("batch_size", "context_length", "eval_batches"):
             value = getattr(self, name)
-            _require(value > 0, "data", name, value, "a positive integer")
-        _require(self.hellaswag_limit >= 0, "data", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
+            require(value > 0, "data", name, value, "a positive integer")
+        require(self.hellaswag_limit >= 0, "data", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
 
 
 @dataclass
@@ -75,17 +76,17 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("max_steps", "grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
             value = getattr(self, name)
-            _require(value > 0, "train", name, value, "a positive integer")
+            require(value > 0, "train", name, value, "a positive integer")
         for name in ("warmup_steps", "lr_decay_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
             value = getattr(self, name)
-            _require(value >= 0, "train", name, value, "0 or a positive integer")
-        _require(self.lr > 0, "train", "lr", self.lr, "a positive number")
-        _require(0 <= self.min_lr <= self.lr, "train", "min_lr", self.min_lr, f"between 0 and --lr ({self.lr})")
-        _require(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "0 or more")
-        _require(self.grad_clip >= 0, "train", "grad_clip", self.grad_clip, "0 (off) or more")
-        _require(self.optimizer in OPTIMIZERS, "train", "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
-        _require(self.model in PRESETS, "train", "model", self.model, ", ".join(PRESETS))
-        _require(self.peak_tflops >= 0, "train", "peak_tflops", self.peak_tflops, "0 or more")
+            require(value >= 0, "train", name, value, "0 or a positive integer")
+        require(self.lr > 0, "train", "lr", self.lr, "a positive number")
+        require(0 <= self.min_lr <= self.lr, "train", "min_lr", self.min_lr, f"between 0 and --lr ({self.lr})")
+        require(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "0 or more")
+        require(self.grad_clip >= 0, "train", "grad_clip", self.grad_clip, "0 (off) or more")
+        require(self.optimizer in OPTIMIZERS, "train", "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        require(self.model in PRESETS, "train", "model", self.model, ", ".join(PRESETS))
+        require(self.peak_tflops >= 0, "train", "peak_tflops", self.peak_tflops, "0 or more")
 
 
 @dataclass
@@ -100,9 +101,9 @@ class CheckpointConfig:
                                                    "or a Hugging Face GPT-2 folder (fine-tuning)")
 
     def __post_init__(self):
-        _require(self.checkpoint_interval >= 0, "checkpoint", "checkpoint_interval", self.checkpoint_interval,
+        require(self.checkpoint_interval >= 0, "checkpoint", "checkpoint_interval", self.checkpoint_interval,
                  "0 or a positive integer")
-        _require(self.keep_last_n_checkpoints == -1 or self.keep_last_n_checkpoints > 0, "checkpoint",
+        require(self.keep_last_n_checkpoints == -1 or self.keep_last_n_checkpoints > 0, "checkpoint",
                  "keep_last_n_checkpoints", self.keep_last_n_checkpoints, "-1 (keep all) or a positive integer")
         if self.resume and not self.checkpoint_path:
             raise UserError("--resume needs --checkpoint_path PATH (a checkpoint step folder or checkpoint folder); "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -60,7 +61,10 @@ def init_distributed() -> DistInfo:
         # Ranks on one host share its cores; oversubscribed BLAS threads make every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        # A rank that never arrives (a node missing) fails the rendezvous and later collectives after this
+        # long, instead of gloo's default 30 minutes; it must exceed the longest wait on rank 0 (a save).
+        torch_dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                      timeout=timedelta(minutes=10))
     _info = DistInfo(rank, local_rank, world_size, local_world_size, device)
     return _info
 

@@ -37,7 +37,8 @@ def resolve_ds_config_path(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     names = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")) if DS_CONFIGS_DIR.is_dir() else []
-    raise UserError(f"--deepspeed_config {name_or_path!r}: no such file, nor a name in ds_configs/ ({', '.join(names)})")
+    raise UserError(f"--deepspeed_config {name_or_path!r}: no such file, nor a name in ds_configs/ "
+                    f"({', '.join(names)})")
 
 
 def default_ds_config_name() -> str:
@@ -133,7 +134,8 @@ def check_precision_supported(path: Path, ds_config: dict) -> None:
     dtype = precision(ds_config)
     if dtype in supported and not supported[dtype]():
         raise UserError(f"{path} enables {dtype}, which DeepSpeed does not support on this "
-                        f"{accelerator.device_name()} device; use a bf16 or fp32 config (e.g. ds_configs/zero2_fp32.json)")
+                        f"{accelerator.device_name()} device; use a bf16 or fp32 config "
+                        f"(e.g. ds_configs/zero2_fp32.json)")
 
 
 def _check_schema(path: Path, config: dict) -> None:
@@ -200,15 +202,34 @@ def optimizer_state_tensors(engine) -> list[torch.Tensor]:
 def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
     """Every rank writes its shard into checkpoint_dir/tag; DeepSpeed's own `latest` file is not used
     (checkpoint.py's meta.json marks a complete checkpoint)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+    # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
+    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
 
 
 def load_checkpoint(engine, step_dir: Path) -> dict:
-    """Load weights, optimizer state and client state from a step folder written by save_checkpoint."""
+    """Load weights, optimizer state and client state from a step folder written by save_checkpoint (or
+    converted to universal). Two repairs after ZeRO-3's universal loader: it copies param group 0's
+    hyperparameters (weight decay included) onto every group, so they are put back as this run built
+    them; and it gives every sub-group's state the same `step` tensor, which torch's Adam increments in
+    place, once per sub-group, so each state gets its own copy."""
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     load_path, client_state = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise UserError(f"{step_dir}: DeepSpeed could not load this checkpoint")
+    for group, saved in zip(engine.optimizer.param_groups, hyperparameters):
+        group.update(saved)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
     replay_cpu_adam_bias_correction(engine)
     return client_state
 

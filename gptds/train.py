@@ -237,19 +237,21 @@ def train(run: RunConfig) -> RunResult:
     precision = engine.precision(ds_config)
     peak = peak_flops(info.device, cfg.peak_tflops)
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
-            "data_dir": str(data_dir), "data_manifest_sha256": data_sha256, "world_size": info.world_size,
+            "data_dir": str(data_dir), "data_source": train_loader.manifest.get("source"),
+            "data_manifest_sha256": data_sha256, "world_size": info.world_size,
             "zero_stage": engine.zero_stage(ds_config), "optimizer": cfg.optimizer, "precision": precision,
             "kind": "deepspeed"}
     dist.print0(f"gptds {run.job}: {n_params:,} parameters ({model_source}), ZeRO-{engine.zero_stage(ds_config)} "
                 f"{precision} from {ds_config_path}, {info.world_size} rank(s) on {info.device.type}, optimizer "
-                f"{cfg.optimizer}, attention {attention_backend(info.device, eng.module.transformer.wte.weight.dtype)}, "
+                f"{cfg.optimizer}, attention {attention_backend(info.device, _param_dtype(eng))}, "
                 f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
                 f"{tokens_per_step:,} tokens/step, data {data_dir}")
     if getattr(train_loader, "truncated_records", 0):
         dist.print0(f"WARNING: {train_loader.truncated_records} training records are longer than --context_length "
                     f"{data.context_length} + 1 and are truncated")
 
-    prompts = list(PRETRAIN_PROMPTS) if run.job == "pretrain" else [_instruction_prompt(q) for q in FINETUNE_INSTRUCTIONS]
+    prompts = (list(PRETRAIN_PROMPTS) if run.job == "pretrain"
+               else [_instruction_prompt(q) for q in FINETUNE_INSTRUCTIONS])
     log = MetricsLogger(cfg.log_dir, info.is_main)  # created once every check has passed
     stop = StopRequest()
     bad_in_a_row, step_times = 0, []
@@ -278,7 +280,8 @@ def train(run: RunConfig) -> RunResult:
                 if flags[1] > 0:
                     bad_in_a_row += 1
                     result.skipped_bad_steps += 1
-                    dist.print0(f"step {step}: non-finite loss on {int(flags[1])} rank(s) at lr {lr:.3e}; batch skipped "
+                    dist.print0(f"step {step}: non-finite loss on {int(flags[1])} rank(s) at lr {lr:.3e}; "
+                                f"batch skipped "
                                 f"({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.max_bad_steps:
                         raise UserError(f"stopping at step {step}: {bad_in_a_row} consecutive non-finite losses "
@@ -327,9 +330,10 @@ def train(run: RunConfig) -> RunResult:
                 eng.eval()
                 result.val_loss = validation_loss(lambda x, y: eng(x, y)[1], val_loader, data.eval_batches,
                                                   info.device)
-                log.log(result.step, {"val_loss": result.val_loss, "val_perplexity": math.exp(min(result.val_loss, 50))})
+                perplexity = math.exp(min(result.val_loss, 50))
+                log.log(result.step, {"val_loss": result.val_loss, "val_perplexity": perplexity})
                 _write(progress, f"step {result.step}: val_loss {result.val_loss:.4f} "
-                       f"(perplexity {math.exp(min(result.val_loss, 50)):.1f})")
+                       f"(perplexity {perplexity:.1f})")
                 mean_train = sum(train_losses_since_eval) / len(train_losses_since_eval)
                 warning = overfitting_warning(prev_eval, (result.val_loss, mean_train))
                 if warning:
@@ -366,6 +370,10 @@ def train(run: RunConfig) -> RunResult:
 
 def _due(interval: int, step: int, last: bool) -> bool:
     return interval > 0 and (step % interval == 0 or last)
+
+
+def _param_dtype(eng) -> torch.dtype:
+    return next(eng.module.parameters()).dtype
 
 
 def _instruction_prompt(question: str) -> str:

@@ -63,42 +63,51 @@ def iter_shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: in
         yield shard
 
 
-def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: Path,
-                       metadata: dict | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write weights to `out` (a .safetensors file) or, above max_shard_bytes, to shards beside it plus
-    `out`'s name with .index.json. Tensors are consumed one shard at a time, so a caller streaming them
-    from disk never holds more than one shard. Returns the files written (their final names)."""
-    out = Path(out)
-    meta = {"format": "pt", "gptds_config": json.dumps(config.to_dict()), **(metadata or {})}
-    shards = iter_shards(((k, v.contiguous()) for k, v in tensors if k != TIED_KEY), max_shard_bytes)
-    first = next(shards, None)
-    second = next(shards, None)
-    if second is None:  # one file
-        save_file(first or {}, str(out), metadata=meta)
-        return [out]
-    # Sharded: names are only known to be final after the last shard, so write with a temp count.
-    stem = out.name.removesuffix(".safetensors")
-    written, weight_map = [], {}
-    for i, shard in enumerate(_chain([first, second], shards)):
-        part = out.parent / f"{stem}-{i + 1:05d}.safetensors.partial"
-        save_file(shard, str(part), metadata=meta)
-        written.append(part)
-        weight_map.update({k: i for k in shard})
-    n = len(written)
-    final = []
-    for i, part in enumerate(written):
-        dest = out.parent / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, metadata: dict,
+                      stem: str = "model", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write tensors into `folder` as <stem>.safetensors or, above max_shard_bytes, as the Hugging Face
+    sharded layout (<stem>-00001-of-0000N.safetensors + <stem>.safetensors.index.json). Tensors are
+    consumed lazily and only one shard is in memory at a time. Returns the files written."""
+    folder = Path(folder)
+    parts, weight_map = [], {}
+    for i, shard in enumerate(iter_shards(((k, v.contiguous()) for k, v in tensors), max_shard_bytes)):
+        part = folder / f"{stem}-{i + 1:05d}.partial"  # the shard count is known only at the end
+        save_file(shard, str(part), metadata=metadata)
+        parts.append(part)
+        weight_map.update(dict.fromkeys(shard, i))
+        del shard
+    if len(parts) <= 1:
+        single = folder / f"{stem}.safetensors"
+        if parts:
+            os.replace(parts[0], single)
+        else:
+            save_file({}, str(single), metadata=metadata)
+        return [single]
+    final = [folder / f"{stem}-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for part, dest in zip(parts, final):
         os.replace(part, dest)
-        final.append(dest)
-    index = out.parent / f"{stem}.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": meta, "weight_map": {k: final[i].name for k, i in weight_map.items()}},
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": metadata, "weight_map": {k: final[i].name for k, i in weight_map.items()}},
                                 indent=1))
     return final + [index]
 
 
-def _chain(head, tail):
-    yield from head
-    yield from tail
+def gptds_metadata(config: GPTConfig, extra: dict | None = None) -> dict:
+    """safetensors metadata of a gptds weights file: the GPTConfig travels with the weights."""
+    return {"format": "pt", "gptds_config": json.dumps(config.to_dict()), **(extra or {})}
+
+
+def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: Path,
+                       metadata: dict | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """gptds weights at `out`: a .safetensors file (written whole), or a folder holding model.safetensors
+    or its shards and index. The tied lm_head.weight is stored once, as transformer.wte.weight."""
+    out = Path(out)
+    tensors = ((k, v) for k, v in tensors if k != TIED_KEY)
+    if out.suffix == ".safetensors":
+        save_file(dict(tensors), str(out), metadata=gptds_metadata(config, metadata))
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    return write_safetensors(tensors, out, gptds_metadata(config, metadata), max_shard_bytes=max_shard_bytes)
 
 
 def read_safetensors(files: list[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -111,25 +120,34 @@ def read_safetensors(files: list[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def load_gptds_weights(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """A .safetensors file, its .index.json, or a folder holding either."""
+def safetensors_files(path: Path) -> list[Path]:
+    """The files of a .safetensors file, of a .safetensors.index.json, or of a folder holding one of them."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
-            raise WeightsError(f"{path}: expected one gptds weights file or index, found {[c.name for c in candidates]}")
+            raise WeightsError(f"{path}: expected one safetensors weights file or index, found "
+                               f"{[c.name for c in candidates] or 'none'}")
         path = candidates[0]
     if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        files = sorted({path.parent / f for f in index["weight_map"].values()})
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{path}: not a safetensors index ({e})") from None
+        files = sorted({path.parent / f for f in weight_map.values()})
     else:
         files = [path]
     for f in files:
         if not f.is_file():
             raise WeightsError(f"{f}: weights file missing")
-    metadata, tensors = read_safetensors(files)
+    return files
+
+
+def load_gptds_weights(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """A .safetensors file, its .index.json, or a folder holding either."""
+    metadata, tensors = read_safetensors(safetensors_files(path))
     if "gptds_config" not in metadata:
-        raise WeightsError(f"{path}: safetensors file without gptds_config metadata (not written by gptds)")
+        raise WeightsError(f"{path}: safetensors weights without gptds_config metadata (not written by gptds)")
     return GPTConfig.from_dict(json.loads(metadata["gptds_config"])), tensors
 
 
@@ -189,11 +207,9 @@ def is_hf_directory(path: Path) -> bool:
 def load_hf_directory(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     config = hf_config_to_gptds(json.loads((path / "config.json").read_text()), path)
-    if (path / "model.safetensors").is_file():
-        _, sd = read_safetensors([path / "model.safetensors"])
-    elif (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        _, sd = read_safetensors(sorted({path / f for f in index["weight_map"].values()}))
+    if (path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file():
+        _, sd = read_safetensors(safetensors_files(path / INDEX_FILE if (path / INDEX_FILE).is_file() else
+                                                   path / "model.safetensors"))
     elif (path / "pytorch_model.bin").is_file():
         sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
@@ -203,20 +219,21 @@ def load_hf_directory(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 
 
 def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
-                      model_card: str | None = None) -> None:
-    """config.json, model.safetensors and GPT-2 tokenizer files, loadable by
+                      model_card: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """config.json, model.safetensors (or HF-style shards) and GPT-2 tokenizer files, loadable by
     GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained."""
     from gptds.tokenizer import write_hf_tokenizer_files
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = gptds_config_to_hf(config)
-    save_file(dict(gptds_to_hf_state_dict(config, tensors)), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    files = write_safetensors(gptds_to_hf_state_dict(config, tensors), out_dir, {"format": "pt"},
+                              max_shard_bytes=max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
     write_hf_tokenizer_files(out_dir)
     if model_card:
         (out_dir / "README.md").write_text(model_card)
+    return files
 
 
 # ---------------------------------------------------------------- any path

@@ -1,12 +1,18 @@
 """Shared fixtures: the bundled demo data prepared once per test session (tiny Shakespeare as text
 shards, the 300 bundled Dolly records as instruction shards)."""
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
 from gptds.tokenizer import ASSETS_DIR
+
+# Every process the tests start finds the virtualenv's tools first: DeepSpeed's JIT-compiled ops are
+# rebuilt (about a minute) whenever a different ninja than the one that built them runs.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ def hf_model(tmp_path_factory):
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # non-zero biases and LayerNorm gains so a transpose mistake shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(0.0, 0.05)
     out = tmp_path_factory.mktemp("hf")
@@ -79,7 +79,8 @@ def test_exported_tokenizer_encodes_like_gptds(tmp_path):
     ours = random_gptds_model(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
     save_hf_directory(ours.config, state_dict_for_saving(ours).items(), tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in ["Hello world, this is GPT-2.", "ROMEO:\n  But, soft!\n\n\tWhat light?  ", "caf\u00e9 \u4e2d\u6587 \U0001f600",
+    for text in ["Hello world, this is GPT-2.", "ROMEO:\n  But, soft!\n\n\tWhat light?  ",
+                 "caf\u00e9 \u4e2d\u6587 \U0001f600",
                  "It's 2024; they'll've won 3.14%"]:
         assert tok.encode(text) == encode(text)
     assert tok.eos_token_id == 50256

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptds.config import _require, flag
+from gptds.config import flag, require
 from gptds.data.instruct import (
     TEMPLATE,
     TEMPLATE_NO_INPUT,
@@ -27,7 +27,7 @@ from gptds.data.instruct import (
     encode_records,
     record_from_fields,
 )
-from gptds.data.shards import FORMAT, SPLITS, VERSION, ShardWriter, staged_output, write_manifest
+from gptds.data.shards import FORMAT, SPLITS, VERSION, ShardWriter, write_manifest
 from gptds.data.sources import (
     RECORD_SUFFIXES,
     TEXT_SUFFIXES,
@@ -41,6 +41,7 @@ from gptds.data.sources import (
     tokenize_pieces,
 )
 from gptds.errors import UserError
+from gptds.staging import staged_dir
 from gptds.tokenizer import EOT_ID, VOCAB_SIZE
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -69,11 +70,11 @@ class PrepareTextConfig:
 
     def __post_init__(self):
         _check_source(self, "prepare_text")
-        _require(bool(self.text_field), "prepare_text", "text_field", self.text_field, "a field name")
+        require(bool(self.text_field), "prepare_text", "text_field", self.text_field, "a field name")
         _check_common(self, "prepare_text")
-        _require(0 < self.val_fraction <= 0.5, "prepare_text", "val_fraction", self.val_fraction,
+        require(0 < self.val_fraction <= 0.5, "prepare_text", "val_fraction", self.val_fraction,
                  "a number in (0, 0.5]")
-        _require(self.val_block_tokens > 0, "prepare_text", "val_block_tokens", self.val_block_tokens,
+        require(self.val_block_tokens > 0, "prepare_text", "val_block_tokens", self.val_block_tokens,
                  "a positive integer")
 
 
@@ -98,10 +99,10 @@ class PrepareDollyConfig:
 
     def __post_init__(self):
         _check_source(self, "prepare_dolly")
-        _require(self.format in INSTRUCT_FORMATS, "prepare_dolly", "format", self.format, ", ".join(INSTRUCT_FORMATS))
-        _require(self.context_length > 0, "prepare_dolly", "context_length", self.context_length, "a positive integer")
+        require(self.format in INSTRUCT_FORMATS, "prepare_dolly", "format", self.format, ", ".join(INSTRUCT_FORMATS))
+        require(self.context_length > 0, "prepare_dolly", "context_length", self.context_length, "a positive integer")
         _check_common(self, "prepare_dolly")
-        _require(0 < self.val_fraction < 1, "prepare_dolly", "val_fraction", self.val_fraction, "a number in (0, 1)")
+        require(0 < self.val_fraction < 1, "prepare_dolly", "val_fraction", self.val_fraction, "a number in (0, 1)")
 
 
 def _check_source(cfg, section: str) -> None:
@@ -111,9 +112,9 @@ def _check_source(cfg, section: str) -> None:
 
 
 def _check_common(cfg, section: str) -> None:
-    _require(cfg.shard_size > 0, section, "shard_size", cfg.shard_size, "a positive integer")
-    _require(cfg.num_workers >= 0, section, "num_workers", cfg.num_workers, "0 (this process) or more")
-    _require(bool(cfg.output_dir), section, "output_dir", cfg.output_dir, "a folder path")
+    require(cfg.shard_size > 0, section, "shard_size", cfg.shard_size, "a positive integer")
+    require(cfg.num_workers >= 0, section, "num_workers", cfg.num_workers, "0 (this process) or more")
+    require(bool(cfg.output_dir), section, "output_dir", cfg.output_dir, "a folder path")
 
 
 # ---------------------------------------------------------------- shared machinery
@@ -190,7 +191,7 @@ def prepare_text(cfg: PrepareTextConfig) -> Path:
     val_every = round(1 / cfg.val_fraction)  # blocks; the realised val share is 1 / val_every
     start = time.perf_counter()
     documents = chars = position = 0
-    with staged_output(output_dir, cfg.overwrite) as staging:
+    with staged_dir(output_dir, cfg.overwrite, "--output_dir") as staging:
         writers = {split: ShardWriter(staging, split, cfg.shard_size) for split in SPLITS}
         with _progress(" docs") as bar:
             for tokens, n_documents, n_chars in map_in_order(tokenize_pieces, batch_pieces(pieces), cfg.num_workers):
@@ -272,7 +273,7 @@ def prepare_dolly(cfg: PrepareDollyConfig) -> Path:
     status = Counter()  # ok / truncated / dropped
     categories = {split: Counter() for split in SPLITS}
     start = time.perf_counter()
-    with staged_output(output_dir, cfg.overwrite) as staging:
+    with staged_dir(output_dir, cfg.overwrite, "--output_dir") as staging:
         writers = {split: ShardWriter(staging, split, cfg.shard_size, with_index=True) for split in SPLITS}
         with _progress(" records") as bar:
             for results in map_in_order(encode_records, _jobs(records, cfg.context_length), cfg.num_workers):

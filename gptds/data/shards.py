@@ -7,9 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,40 +94,6 @@ class ShardWriter:
         if self._file is not None:
             self._close_shard()
         return self.shards
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.is_file():
-        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it "
-                        "or choose another folder")
-
-
-@contextmanager
-def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh sibling folder <output_dir>.partial-<pid> to write into. On success it is renamed
-    to output_dir (replacing an existing one only with overwrite); on any error it is deleted, so the
-    output name never holds a half-written dataset. A killed run leaves only the .partial folder."""
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(f"{output_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        check_output_dir(output_dir, overwrite)  # again: something may have appeared meanwhile
-        if output_dir.exists():
-            old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, old)
-            os.replace(staging, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
