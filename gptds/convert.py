@@ -196,10 +196,11 @@ def zero_to_universal(checkpoint_dir: str, out_dir: str, tag: str | None = None,
     with staged_dir(Path(out_dir), overwrite, "OUT_DIR") as staging:
         target = staging / step_dir.name
         # In a fresh interpreter: ds_to_universal forks worker pools, and forking a process whose torch
-        # thread pools are already running deadlocks them.
+        # thread pools are already running deadlocks them. One worker: each holds a whole rank shard (weights
+        # and both Adam moments) and its per-parameter copies, so more workers multiply the peak memory.
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                str(step_dir), "--output_folder", str(target), "--inject_missing_state",
-                               "--num_extract_workers", "2", "--num_merge_workers", "1"], text=True,
+                               "--num_extract_workers", "1", "--num_merge_workers", "1"], text=True,
                               stdout=sys.stderr, stderr=subprocess.PIPE)
         if proc.returncode != 0:
             last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no message"]
@@ -268,25 +269,37 @@ def _loadable_by_every_stage(target: Path, config: GPTConfig, names) -> None:
 
 # ---------------------------------------------------------------- the command line
 
+def _shard_bytes(mb: int) -> int:
+    if mb <= 0:
+        raise UserError(f"--max_shard_mb must be positive, got {mb}")
+    return mb * 2**20
+
+
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser("convert", help="ZeRO checkpoints to consolidated / Hugging Face / universal form")
     kinds = convert.add_subparsers(dest="conversion", required=True)
     tag_help = "step folder name, e.g. step_00001000 (default: the newest complete checkpoint)"
+    shard_help = ("largest output file in MB; above it the output is sharded (HF index layout). Peak memory is about "
+                  "one shard plus the largest tensor")
 
     p = kinds.add_parser("zero-to-fp32", help="one consolidated safetensors state dict (sharded when large)")
     p.add_argument("checkpoint_dir")
     p.add_argument("out", help="output folder")
     p.add_argument("--tag", default=None, help=tag_help)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--max_shard_mb", type=int, default=DEFAULT_MAX_SHARD_BYTES // 2**20, help=shard_help)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=lambda a: zero_to_fp32(a.checkpoint_dir, a.out, a.tag, a.dtype, a.overwrite))
+    p.set_defaults(func=lambda a: zero_to_fp32(a.checkpoint_dir, a.out, a.tag, a.dtype, a.overwrite,
+                                               _shard_bytes(a.max_shard_mb)))
 
     p = kinds.add_parser("zero-to-hf", help="a Hugging Face GPT-2 folder with tokenizer and model card")
     p.add_argument("checkpoint_dir")
     p.add_argument("out_dir")
     p.add_argument("--tag", default=None, help=tag_help)
+    p.add_argument("--max_shard_mb", type=int, default=DEFAULT_MAX_SHARD_BYTES // 2**20, help=shard_help)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=lambda a: zero_to_hf(a.checkpoint_dir, a.out_dir, a.tag, a.overwrite))
+    p.set_defaults(func=lambda a: zero_to_hf(a.checkpoint_dir, a.out_dir, a.tag, a.overwrite,
+                                             _shard_bytes(a.max_shard_mb)))
 
     p = kinds.add_parser("hf-to-gptds", help="a Hugging Face GPT-2 folder to gptds weights")
     p.add_argument("hf_dir")
