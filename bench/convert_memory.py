@@ -78,7 +78,8 @@ def make_checkpoint(work: Path, model: str, ranks: int, env: dict) -> Path:
                     "--master_port", str(free_port()), "--module", "gptds", "pretrain", "--data_dir", str(data),
                     "--deepspeed_config", str(config), "--model", model, "-B", "1", "-T", "64", "--max_steps", "1",
                     "--optimizer", "adamw", "--eval_interval", "0", "--generate_interval", "0",
-                    "--log_dir", str(work / "run")], cwd=ROOT, env=env, check=True, capture_output=True, timeout=3600)
+                    "--hellaswag_interval", "0", "--log_dir", str(work / "run")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=3600)
     return work / "run" / "checkpoints"
 
 

@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import process_tree  # noqa: E402,I001
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "gptds" / "assets" / "tinyshakespeare.txt"
 SAMPLE_SECONDS = 0.05  # memory sampling period
@@ -43,20 +46,6 @@ def make_corpus(folder: Path, size_mb: int, kind: str) -> Path:
     return path
 
 
-def _process_tree(root: int) -> list[int]:
-    """root and its descendants, from /proc/<pid>/task/<tid>/children (cheap: no scan of all of /proc)."""
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                todo += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:  # the task or process ended meanwhile
-                pass
-    return pids
-
-
 def _rss_mb(pid: int) -> float:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -73,7 +62,7 @@ def run_measured(command: list[str]) -> dict:
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak_tree = peak_main = peak_worker = 0.0
     while proc.poll() is None:
-        sizes = {pid: _rss_mb(pid) for pid in _process_tree(proc.pid)}
+        sizes = {pid: _rss_mb(pid) for pid in process_tree(proc.pid)}
         peak_tree = max(peak_tree, sum(sizes.values()))
         peak_main = max(peak_main, sizes[proc.pid])
         peak_worker = max([peak_worker] + [mb for pid, mb in sizes.items() if pid != proc.pid])

@@ -32,8 +32,8 @@ def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
 class DataConfig:
     data_dir: str | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`); "
                                       "omitted: the bundled demo data, prepared into <log_dir>/data")
-    batch_size: int = flag(8, "micro batch per rank, in sequences", short="-B")
-    context_length: int = flag(256, "tokens per sequence", short="-T")
+    batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B")
+    context_length: int = flag(128, "tokens per sequence", short="-T")
     eval_batches: int = flag(8, "validation batches per rank at each evaluation")
     hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled "
                                             "500-item sample")
@@ -51,7 +51,8 @@ class TrainConfig:
     deepspeed_config: str | None = flag(None, "DeepSpeed JSON: a path, or a name in ds_configs/ (zero1, zero2, "
                                               "zero3, zero2_offload, ...); omitted: zero2 on GPUs, zero2_fp32 on CPU")
     model: str = flag("mini", "model preset", choices=tuple(PRESETS))
-    max_steps: int = flag(300, "optimizer steps to train for (a resumed run counts from its checkpoint)")
+    max_steps: int | None = flag(200, "optimizer steps to train for, counted from step 0 (a resumed run goes on "
+                                      "to it); fine-tuning's default: one epoch of the training split")
     grad_accum_steps: int = flag(1, "micro batches per optimizer step")
     lr: float = flag(1e-3, "peak learning rate")
     min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
@@ -67,14 +68,16 @@ class TrainConfig:
     log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here")
     log_interval: int = flag(10, "log training metrics every N steps")
     eval_interval: int = flag(50, "validation loss every N steps (0: never)")
-    hellaswag_interval: int = flag(0, "HellaSwag accuracy every N steps (0: never)")
+    hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)")
     generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)")
     generate_max_new_tokens: int = flag(48, "tokens per sample")
     max_bad_steps: int = flag(5, "stop after this many consecutive steps with a NaN/inf loss")
     peak_tflops: float = flag(0.0, "accelerator peak TFLOP/s for MFU (0: look it up for known GPUs)")
 
     def __post_init__(self):
-        for name in ("max_steps", "grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
+        require(self.max_steps is None or self.max_steps > 0, "train", "max_steps", self.max_steps,
+                 "a positive integer")
+        for name in ("grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, "train", name, value, "a positive integer")
         for name in ("warmup_steps", "lr_decay_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
@@ -132,7 +135,7 @@ class RunConfig:
 # practice: small lr, light weight decay, about one epoch of the data.
 JOB_DEFAULTS = {
     "pretrain": {},
-    "finetune": dict(lr=3e-5, min_lr=3e-6, weight_decay=0.01, warmup_steps=10, max_steps=100,
+    "finetune": dict(lr=3e-5, min_lr=3e-6, weight_decay=0.01, warmup_steps=10, max_steps=None, context_length=256,
                      log_dir="runs/finetune", eval_interval=25, generate_interval=50, hellaswag_interval=0,
                      checkpoint_interval=50),
 }

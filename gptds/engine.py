@@ -11,13 +11,12 @@ equal to what the CLI computes; `optimizer` and `scheduler` blocks are refused (
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from gptds.errors import UserError
+from gptds.errors import UserError, read_json_object
 
 DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 INSTALLED_DS_CONFIGS_DIR = Path(sys.prefix) / "share" / "gptds" / "ds_configs"
@@ -46,20 +45,6 @@ def default_ds_config_name() -> str:
     return "zero2" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "zero2_fp32"
 
 
-def read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def precision(ds_config: dict) -> str:
     """'bf16', 'fp16' or 'fp32', as the JSON decides."""
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
@@ -80,7 +65,7 @@ def load_ds_config(path: Path, *, micro_batch_size: int, grad_accum_steps: int, 
                    grad_clip: float, optimizer: str) -> dict:
     """Read the JSON, check it against the CLI's values and the batch arithmetic, and fill them in.
     Everything is checked here, before any model is built or any data is read."""
-    config = read_json(path)
+    config = read_json_object(path, "a DeepSpeed JSON config")
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise UserError(f"{path}: remove the \"{key}\" block: gptds builds the optimizer and the lr schedule "
@@ -139,13 +124,50 @@ def check_precision_supported(path: Path, ds_config: dict) -> None:
 
 
 def _check_schema(path: Path, config: dict) -> None:
-    """DeepSpeed's own validation of every key (unknown keys, wrong types), reported as one line."""
+    """DeepSpeed's own validation of every key (wrong types, unknown keys inside its typed sections),
+    reported as one line; plus unknown top-level keys, which DeepSpeed ignores (a typo such as
+    "zero_optimisation" would silently train without ZeRO): a key is known when DeepSpeed's config
+    reader looks it up, or when DeepSpeed names it among its config constants."""
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    class LookupsRecorded(dict):
+        looked_up: set = set()
+
+        def get(self, key, *default):
+            self.looked_up.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            self.looked_up.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self.looked_up.add(key)
+            return super().__contains__(key)
+
     try:
-        DeepSpeedConfig(config)
+        DeepSpeedConfig(LookupsRecorded(config))
     except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, ...
         lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
         raise UserError(f"{path}: DeepSpeed rejects this config: {' / '.join(lines[:4])}") from None
+    unknown = [key for key in config if key not in LookupsRecorded.looked_up and key not in _deepspeed_key_names()]
+    if unknown:
+        import difflib
+        known = sorted(LookupsRecorded.looked_up | _deepspeed_key_names())
+        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                               else "") for key in unknown]
+        raise UserError(f"{path}: unknown top-level key{'s' * (len(unknown) > 1)} {', '.join(hints)}: DeepSpeed "
+                        f"would ignore {'them' if len(unknown) > 1 else 'it'}; fix or remove")
+
+
+def _deepspeed_key_names() -> set[str]:
+    """String constants of DeepSpeed's config modules (keys read outside DeepSpeedConfig, e.g. "aio")."""
+    import importlib
+    names = set()
+    for module in ("deepspeed.runtime.constants", "deepspeed.runtime.swap_tensor.constants",
+                   "deepspeed.autotuning.constants"):
+        names |= {v for k, v in vars(importlib.import_module(module)).items() if k.isupper() and isinstance(v, str)}
+    return names
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -171,8 +193,20 @@ def build_optimizer(model: torch.nn.Module, optimizer: str, lr: float, weight_de
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     """deepspeed.initialize; the returned engine is called like the model and owns backward/step."""
     import deepspeed
+    _skip_cpu_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def _skip_cpu_shm_comm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm) inside every rank
+    of a fresh environment: ~45 s on 2 cores, and a rank killed during the build leaves torch's build lock
+    behind, so every later launch waits on it forever (seen in CI). gloo already does the collectives on
+    CPU (the plain-PyTorch DDP baseline uses it too); do without the op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def set_lr(engine, lr: float) -> None:
@@ -201,7 +235,8 @@ def optimizer_state_tensors(engine) -> list[torch.Tensor]:
 
 def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
     """Every rank writes its shard into checkpoint_dir/tag; DeepSpeed's own `latest` file is not used
-    (checkpoint.py's meta.json marks a complete checkpoint)."""
+    (checkpoint.py's meta.json marks a complete checkpoint). A file that cannot be written raises OSError
+    naming it: torch.save reports a full disk as a RuntimeError with neither errno nor path."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -210,7 +245,19 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict) 
     # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    write = engine.checkpoint_engine.save
+
+    def write_naming_the_file(state_dict, path):
+        try:
+            write(state_dict, path)
+        except RuntimeError as e:
+            raise OSError(None, str(e).partition("\n")[0], path) from e
+
+    engine.checkpoint_engine.save = write_naming_the_file
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        engine.checkpoint_engine.save = write
 
 
 def load_checkpoint(engine, step_dir: Path) -> dict:

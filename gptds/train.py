@@ -1,11 +1,15 @@
-"""The training loop, shared by pretraining and fine-tuning (they differ in data and defaults): set-up
-that checks everything before any work, then `train`, one loop of micro-steps through the DeepSpeed
-engine with evaluation, HellaSwag, samples and checkpoints at intervals, and a checkpoint on SIGTERM."""
+"""The training loop, shared by pretraining and fine-tuning (they differ in data and defaults): `set_up`
+checks everything before any work and builds the engine; `train` is the loop of optimizer steps through
+the DeepSpeed engine, with evaluation, HellaSwag, samples and checkpoints at intervals, and a checkpoint
+on SIGTERM/SIGUSR1; the pieces of one step follow it."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -149,39 +153,86 @@ def check_resumable(meta: dict, step_dir: Path, model_config: GPTConfig, data_sh
                             f"OUT_DIR")
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written (a file where a folder of its
+    path should be, a read-only file system), instead of failing at the first log line or checkpoint."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: cannot create it: {existing} is a file ({os.strerror(errno.ENOTDIR)})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write below {existing} ({os.strerror(errno.EACCES)})")
+
+
 def save(eng, run: RunConfig, step: int, meta: dict, train_loader, result: RunResult) -> Path:
-    """A checkpoint at `step` that every rank contributes to; complete once meta.json exists."""
+    """A checkpoint at `step` that every rank contributes to; complete once meta.json exists. A rank
+    that cannot write its files (disk full) raises UserError without reaching the barrier before
+    meta.json, so the folder stays incomplete; the launcher ends the ranks still waiting there."""
     info = dist.info()
     per_rank = dist.all_gather_object({"loader": train_loader.state_dict(), "rng": rng_state()})
     step_dir = Path(run.checkpoint_dir) / checkpoint.step_tag(step)
-    if info.is_main:
-        checkpoint.prepare_step_dir(run.checkpoint_dir, step)
-    dist.barrier()
-    engine.save_checkpoint(eng, run.checkpoint_dir, step_dir.name,
-                           client_state={"gptds": {"step": step, "ranks": per_rank}})
-    dist.barrier()  # every rank's shard is on disk before the folder is marked complete
-    if info.is_main:
-        checkpoint.write_meta(step_dir, {**meta, "step": step, "val_loss": result.val_loss})
-        for old in checkpoint.prune(run.checkpoint_dir, run.checkpoint.keep_last_n_checkpoints):
-            dist.print0(f"removed old checkpoint {old.name}")
+    try:
+        if info.is_main:
+            checkpoint.prepare_step_dir(run.checkpoint_dir, step)
+        dist.barrier()
+        engine.save_checkpoint(eng, run.checkpoint_dir, step_dir.name,
+                               client_state={"gptds": {"step": step, "ranks": per_rank}})
+        dist.barrier()  # every rank's shard is on disk before the folder is marked complete
+        if info.is_main:
+            checkpoint.write_meta(step_dir, {**meta, "step": step, "val_loss": result.val_loss})
+            for old in checkpoint.prune(run.checkpoint_dir, run.checkpoint.keep_last_n_checkpoints):
+                dist.print0(f"removed old checkpoint {old.name}")
+    except OSError as e:
+        latest = checkpoint.find_latest(run.checkpoint_dir)
+        free = (f", {shutil.disk_usage(run.checkpoint_dir).free / 2**30:.1f} GiB free there"
+                if Path(run.checkpoint_dir).is_dir() else "")
+        raise UserError(f"cannot write checkpoint {e.filename or step_dir}: {e.strerror or e}{free}; "
+                        f"{step_dir.name} stays incomplete and --auto_resume continues from "
+                        f"{latest.name if latest else 'the start'}. Free some space or choose another "
+                        f"--checkpoint_dir") from None
     dist.barrier()
     result.checkpoint = str(step_dir)
     return step_dir
 
 
-# ---------------------------------------------------------------- the loop
+@dataclass
+class Session:
+    """Everything the loop works with, built by `set_up` once every check has passed."""
+    info: dist.DistInfo
+    eng: object  # the DeepSpeed engine
+    train_loader: object
+    val_loader: object
+    model_config: GPTConfig
+    max_steps: int
+    meta: dict  # written beside every checkpoint (checkpoint.py)
+    n_params: int
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float | None
+    hellaswag_items: list
+    prompts: list[str]
+    result: RunResult  # at the resumed step, or step 0
 
-def train(run: RunConfig) -> RunResult:
+
+def set_up(run: RunConfig) -> Session:
+    """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; then build the
+    model, the engine and the loaders, and load the checkpoint."""
     from gptds.data.loaders import build_loader, manifest_sha256
     info = dist.init_distributed()
     cfg, data = run.train, run.data
 
-    # Everything that can be wrong with flags, config, data or checkpoint is found before any work.
+    check_writable(cfg.log_dir, "--log_dir")
+    check_writable(run.checkpoint_dir, "--checkpoint_dir")
     ds_config_path = engine.resolve_ds_config_path(cfg.deepspeed_config or engine.default_ds_config_name())
     ds_config = engine.load_ds_config(ds_config_path, micro_batch_size=data.batch_size,
                                       grad_accum_steps=cfg.grad_accum_steps, world_size=info.world_size,
                                       grad_clip=cfg.grad_clip, optimizer=cfg.optimizer)
     engine.check_precision_supported(ds_config_path, ds_config)
+    model_config, model_source = model_config_for(run)
+    if data.context_length > model_config.block_size:
+        raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
+                        f"{model_config.block_size} ({model_source})")
     data_dir = Path(data.data_dir) if data.data_dir else prepare_demo_data(run, info)
     train_loader = build_loader(data_dir, "train", data.batch_size, data.context_length, info.rank,
                                 info.world_size, cfg.seed)
@@ -192,10 +243,6 @@ def train(run: RunConfig) -> RunResult:
         raise UserError(f"{data_dir}: holds {kind!r} data; `gptds {run.job}` needs data from "
                         f"`gptds prepare {'text' if run.job == 'pretrain' else 'dolly'}`")
     data_sha256 = manifest_sha256(data_dir)
-    model_config, model_source = model_config_for(run)
-    if data.context_length > model_config.block_size:
-        raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
-                        f"{model_config.block_size} ({model_source})")
     resume_dir = resume_target(run)
     resume_meta = checkpoint.verify(resume_dir) if resume_dir else None
     if resume_meta:
@@ -204,6 +251,8 @@ def train(run: RunConfig) -> RunResult:
             ds_config = engine.universal_load_config(ds_config)
     hellaswag_items = load_hellaswag(data.hellaswag_file, data.hellaswag_limit) if cfg.hellaswag_interval else []
     tokens_per_step = data.batch_size * data.context_length * cfg.grad_accum_steps * info.world_size
+    # No --max_steps (fine-tuning's default): one epoch of the training split.
+    max_steps = cfg.max_steps or max(1, train_loader.batches_per_epoch() // cfg.grad_accum_steps)
 
     # The model: identical initial weights on every rank (same seed), then DeepSpeed partitions them.
     torch.manual_seed(cfg.seed)
@@ -228,14 +277,14 @@ def train(run: RunConfig) -> RunResult:
     if resume_dir is not None:
         client = engine.load_checkpoint(eng, resume_dir)["gptds"]
         result.step, result.val_loss = client["step"], resume_meta.get("val_loss")
-        mine = client["ranks"][info.rank] if len(client["ranks"]) == info.world_size else client["ranks"][0]
+        same_world = len(client["ranks"]) == info.world_size
+        mine = client["ranks"][info.rank] if same_world else client["ranks"][0]
         train_loader.load_state_dict(mine["loader"])
-        if len(client["ranks"]) == info.world_size:
+        if same_world:
             set_rng_state(mine["rng"])
         dist.print0(f"resumed from {resume_dir} at step {result.step}")
 
     precision = engine.precision(ds_config)
-    peak = peak_flops(info.device, cfg.peak_tflops)
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
             "data_dir": str(data_dir), "data_source": train_loader.manifest.get("source"),
             "data_manifest_sha256": data_sha256, "world_size": info.world_size,
@@ -245,112 +294,62 @@ def train(run: RunConfig) -> RunResult:
                 f"{precision} from {ds_config_path}, {info.world_size} rank(s) on {info.device.type}, optimizer "
                 f"{cfg.optimizer}, attention {attention_backend(info.device, _param_dtype(eng))}, "
                 f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
-                f"{tokens_per_step:,} tokens/step, data {data_dir}")
+                f"{tokens_per_step:,} tokens/step, {max_steps} steps"
+                f"{'' if cfg.max_steps else ' (one epoch)'}, data {data_dir}")
     if getattr(train_loader, "truncated_records", 0):
         dist.print0(f"WARNING: {train_loader.truncated_records} training records are longer than --context_length "
                     f"{data.context_length} + 1 and are truncated")
-
     prompts = (list(PRETRAIN_PROMPTS) if run.job == "pretrain"
                else [_instruction_prompt(q) for q in FINETUNE_INSTRUCTIONS])
+    return Session(info, eng, train_loader, val_loader, model_config, max_steps, meta, n_params, tokens_per_step,
+                   flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag_items, prompts, result)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(run: RunConfig) -> RunResult:
+    """Set up (every check before any work), then optimizer steps until max_steps or a stop signal, with
+    logging, evaluation, HellaSwag, samples and checkpoints at their intervals."""
+    s = set_up(run)
+    cfg, info, eng, result = run.train, s.info, s.eng, s.result
     log = MetricsLogger(cfg.log_dir, info.is_main)  # created once every check has passed
     stop = StopRequest()
-    bad_in_a_row, step_times = 0, []
-    prev_eval = None  # (val_loss, mean train loss since the eval before) for the overfitting warning
-    train_losses_since_eval: list[float] = []
-    last_saved = result.step if resume_dir else None
+    bad = BadStepCounter(cfg.max_bad_steps, result)
+    step_times: list[float] = []
+    evals = EvalHistory()
     start_step = result.step
-    progress = _progress_bar(info, start_step, cfg.max_steps, run.job)
+    last_saved = start_step if start_step else None
+    progress = _progress_bar(info, start_step, s.max_steps, run.job)
     try:
-        for step in range(start_step, cfg.max_steps):
+        for step in range(start_step, s.max_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps)
+            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or s.max_steps)
             engine.set_lr(eng, lr)
             eng.train()
-            loss_sum, micro = 0.0, 0
-            while micro < cfg.grad_accum_steps:
-                x, y = train_loader.next_batch()
-                _, loss = eng(x.to(info.device), y.to(info.device))
-                # One small all-reduce per micro-step: the loss mean, whether any rank's loss is not
-                # finite (then every rank skips that batch together), and whether a stop was requested.
-                loss_value = loss.item()
-                finite = math.isfinite(loss_value)
-                flags = dist.all_reduce_sum(torch.tensor(
-                    [loss_value if finite else 0.0, float(not finite), float(stop.signal is not None)],
-                    dtype=torch.float64))
-                if flags[1] > 0:
-                    bad_in_a_row += 1
-                    result.skipped_bad_steps += 1
-                    dist.print0(f"step {step}: non-finite loss on {int(flags[1])} rank(s) at lr {lr:.3e}; "
-                                f"batch skipped "
-                                f"({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise UserError(f"stopping at step {step}: {bad_in_a_row} consecutive non-finite losses "
-                                        f"(last loss {loss_value}, lr {lr:.3e}); resume from the last checkpoint "
-                                        f"with a lower --lr or more --warmup_steps")
-                    continue
-                bad_in_a_row = 0
-                eng.backward(loss)
-                eng.step()
-                loss_sum += flags[0].item() / info.world_size
-                micro += 1
-            step_loss = loss_sum / cfg.grad_accum_steps
-            if result.optimizer_state_bytes_per_param is None:  # states exist after the first step
-                local = sum(t.numel() * t.element_size() for t in engine.optimizer_state_tensors(eng))
-                total = dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)).item()
-                result.optimizer_state_bytes_per_param = total / n_params
-                _write(progress, f"optimizer state: {result.optimizer_state_bytes_per_param:.2f} bytes/parameter "
-                       f"({cfg.optimizer})")
+            step_loss, stop_requested = optimizer_step(s, cfg.grad_accum_steps, step, lr, bad, stop)
             result.losses[step] = step_loss
-            train_losses_since_eval.append(step_loss)
             result.step = step + 1
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
+            last = result.step == s.max_steps
+            step_times.append(time.perf_counter() - t0)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if result.optimizer_state_bytes_per_param is None:  # states exist after the first step
+                result.optimizer_state_bytes_per_param = optimizer_state_bytes_per_param(s)
+                _write(progress, f"optimizer state: {result.optimizer_state_bytes_per_param:.2f} bytes/parameter "
+                       f"({cfg.optimizer})")
+            if result.step % cfg.log_interval == 0 or step == start_step or last:
+                log_step(s, log, progress, step_loss, lr, step_times[-cfg.log_interval:])
 
-            if result.step % cfg.log_interval == 0 or step == start_step or result.step == cfg.max_steps:
-                recent = step_times[-cfg.log_interval:]
-                tokens_per_second = tokens_per_step * len(recent) / sum(recent)
-                metrics = {"loss": step_loss, "lr": lr, "grad_norm": engine.grad_norm(eng),
-                           "tokens_per_second": tokens_per_second, "step_time_ms": 1000 * sum(recent) / len(recent),
-                           "mfu": flops_per_step / (sum(recent) / len(recent)) / (peak * info.world_size)
-                           if peak else None, "skipped_bad_steps": result.skipped_bad_steps,
-                           **engine.fp16_state(eng)}
-                log.log(result.step, metrics)
-                eta = (cfg.max_steps - result.step) * sum(recent) / len(recent)
-                _write(progress, f"step {result.step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                       f"grad_norm {metrics['grad_norm'] or 0:.3f} | {tokens_per_second:,.0f} tok/s"
-                       + (f" | mfu {100 * metrics['mfu']:.1f}%" if metrics["mfu"] else "")
-                       + (f" | loss_scale {metrics['loss_scale']:g} skipped {metrics['skipped_steps']}"
-                          if "loss_scale" in metrics else "")
-                       + f" | {metrics['step_time_ms']:.0f} ms/step | eta {_hms(eta)}")
-
-            last = result.step == cfg.max_steps
+            evals.train_losses.append(step_loss)
             if _due(cfg.eval_interval, result.step, last):
-                eng.eval()
-                result.val_loss = validation_loss(lambda x, y: eng(x, y)[1], val_loader, data.eval_batches,
-                                                  info.device)
-                perplexity = math.exp(min(result.val_loss, 50))
-                log.log(result.step, {"val_loss": result.val_loss, "val_perplexity": perplexity})
-                _write(progress, f"step {result.step}: val_loss {result.val_loss:.4f} "
-                       f"(perplexity {perplexity:.1f})")
-                mean_train = sum(train_losses_since_eval) / len(train_losses_since_eval)
-                warning = overfitting_warning(prev_eval, (result.val_loss, mean_train))
-                if warning:
-                    _write(progress, warning)
-                prev_eval, train_losses_since_eval = (result.val_loss, mean_train), []
-            if hellaswag_items and _due(cfg.hellaswag_interval, result.step, last):
-                eng.eval()
-                scores = hellaswag_scores(lambda x: eng(x)[0], hellaswag_items, model_config.block_size, info.device)
-                log.log(result.step, {k: v for k, v in scores.items() if k != "n"})
-                _write(progress, f"step {result.step}: HellaSwag acc {scores['hellaswag_acc']:.4f} "
-                       f"acc_norm {scores['hellaswag_acc_norm']:.4f} (n={scores['n']})")
+                evaluate(s, run, log, progress, evals)
+            if s.hellaswag_items and _due(cfg.hellaswag_interval, result.step, last):
+                hellaswag(s, log, progress)
             if _due(cfg.generate_interval, result.step, last):
-                _log_samples(eng, prompts, cfg, result.step, log, progress, info)
+                _log_samples(eng, s.prompts, cfg, result.step, log, progress, info)
 
-            stop_requested = flags[2] > 0
             if stop_requested or _due(run.checkpoint.checkpoint_interval, result.step, last):
-                save(eng, run, result.step, meta, train_loader, result)
+                save(eng, run, result.step, s.meta, s.train_loader, result)
                 last_saved = result.step
                 _write(progress, f"step {result.step}: checkpoint {result.checkpoint}")
             if stop_requested:
@@ -358,12 +357,110 @@ def train(run: RunConfig) -> RunResult:
                 _write(progress, f"stop requested by signal: checkpointed at step {result.step}, exiting")
                 break
         if last_saved != result.step and result.step > start_step:
-            save(eng, run, result.step, meta, train_loader, result)
+            save(eng, run, result.step, s.meta, s.train_loader, result)
     finally:
         stop.restore()
         progress.close()
         log.close()
     return result
+
+
+# ---------------------------------------------------------------- the pieces of one step
+
+class BadStepCounter:
+    """Non-finite losses: each such batch is skipped and counted; K in a row stop the run."""
+
+    def __init__(self, limit: int, result: RunResult):
+        self.limit, self.in_a_row, self.result = limit, 0, result
+
+    def bad(self, step: int, ranks: int, loss: float, lr: float) -> None:
+        self.in_a_row += 1
+        self.result.skipped_bad_steps += 1
+        dist.print0(f"step {step}: non-finite loss on {ranks} rank(s) at lr {lr:.3e}; batch skipped "
+                    f"({self.in_a_row} in a row)")
+        if self.in_a_row >= self.limit:
+            raise UserError(f"stopping at step {step}: {self.in_a_row} consecutive non-finite losses (last loss "
+                            f"{loss}, lr {lr:.3e}); resume from the last checkpoint with a lower --lr or more "
+                            f"--warmup_steps")
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+
+def optimizer_step(s: Session, grad_accum_steps: int, step: int, lr: float, bad: BadStepCounter,
+                   stop: StopRequest) -> tuple[float, bool]:
+    """grad_accum_steps finite micro-batches through the engine (backward, step); returns the step's mean
+    loss over micro-batches and ranks, and whether any rank was asked to stop. One small all-reduce per
+    micro-batch carries the loss, whether any rank's loss is not finite (then every rank skips that batch
+    together) and the stop flag."""
+    info, eng = s.info, s.eng
+    loss_sum, micro = 0.0, 0
+    while micro < grad_accum_steps:
+        x, y = s.train_loader.next_batch()
+        _, loss = eng(x.to(info.device), y.to(info.device))
+        loss_value = loss.item()
+        flags = dist.all_reduce_sum(torch.tensor(
+            [loss_value, float(not math.isfinite(loss_value)), float(stop.signal is not None)],
+            dtype=torch.float64))
+        if flags[1] > 0:
+            bad.bad(step, int(flags[1]), flags[0].item() / info.world_size, lr)
+            continue
+        bad.good()
+        eng.backward(loss)
+        eng.step()
+        loss_sum += flags[0].item() / info.world_size
+        micro += 1
+    return loss_sum / grad_accum_steps, bool(flags[2] > 0)
+
+
+def optimizer_state_bytes_per_param(s: Session) -> float:
+    local = sum(t.numel() * t.element_size() for t in engine.optimizer_state_tensors(s.eng))
+    return dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)).item() / s.n_params
+
+
+def log_step(s: Session, log: MetricsLogger, progress, loss: float, lr: float, recent: list[float]) -> None:
+    """Training metrics averaged over the recent steps, to TensorBoard/metrics.jsonl and one line with ETA."""
+    step, mean_time = s.result.step, sum(recent) / len(recent)
+    metrics = {"loss": loss, "lr": lr, "grad_norm": engine.grad_norm(s.eng),
+               "tokens_per_second": s.tokens_per_step / mean_time, "step_time_ms": 1000 * mean_time,
+               "mfu": s.flops_per_step / mean_time / (s.peak_flops * s.info.world_size) if s.peak_flops else None,
+               "skipped_bad_steps": s.result.skipped_bad_steps, **engine.fp16_state(s.eng)}
+    log.log(step, metrics)
+    _write(progress, f"step {step}/{s.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+           f"grad_norm {metrics['grad_norm'] or 0:.3f} | {metrics['tokens_per_second']:,.0f} tok/s"
+           + (f" | mfu {100 * metrics['mfu']:.1f}%" if metrics["mfu"] else "")
+           + (f" | loss_scale {metrics['loss_scale']:g} skipped {metrics['skipped_steps']}"
+              if "loss_scale" in metrics else "")
+           + f" | {metrics['step_time_ms']:.0f} ms/step | eta {_hms((s.max_steps - step) * mean_time)}")
+
+
+@dataclass
+class EvalHistory:
+    previous: tuple[float, float] | None = None  # (val_loss, mean train loss before it)
+    train_losses: list[float] = field(default_factory=list)  # since the previous evaluation
+
+
+def evaluate(s: Session, run: RunConfig, log: MetricsLogger, progress, evals: EvalHistory) -> None:
+    """Validation loss and perplexity; warns when validation rises while training loss falls."""
+    s.eng.eval()
+    val_loss = validation_loss(lambda x, y: s.eng(x, y)[1], s.val_loader, run.data.eval_batches, s.info.device)
+    s.result.val_loss = val_loss
+    perplexity = math.exp(min(val_loss, 50))
+    log.log(s.result.step, {"val_loss": val_loss, "val_perplexity": perplexity})
+    _write(progress, f"step {s.result.step}: val_loss {val_loss:.4f} (perplexity {perplexity:.1f})")
+    mean_train = sum(evals.train_losses) / len(evals.train_losses)
+    warning = overfitting_warning(evals.previous, (val_loss, mean_train))
+    if warning:
+        _write(progress, warning)
+    evals.previous, evals.train_losses = (val_loss, mean_train), []
+
+
+def hellaswag(s: Session, log: MetricsLogger, progress) -> None:
+    s.eng.eval()
+    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device)
+    log.log(s.result.step, {k: v for k, v in scores.items() if k != "n"})
+    _write(progress, f"step {s.result.step}: HellaSwag acc {scores['hellaswag_acc']:.4f} "
+           f"acc_norm {scores['hellaswag_acc_norm']:.4f} (n={scores['n']})")
 
 
 # ---------------------------------------------------------------- small helpers of the loop

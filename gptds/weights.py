@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptds.errors import UserError
+from gptds.errors import UserError, read_json_object
 from gptds.model import GPT, GPTConfig
 
 # Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
@@ -111,12 +112,16 @@ def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Ten
 
 
 def read_safetensors(files: list[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
     metadata, tensors = {}, {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            metadata = sf.metadata() or metadata
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                metadata = sf.metadata() or metadata
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except SafetensorError as e:
+            raise WeightsError(f"{f}: not a readable safetensors file, or truncated ({e})") from None
     return metadata, tensors
 
 
@@ -130,10 +135,9 @@ def safetensors_files(path: Path) -> list[Path]:
                                f"{[c.name for c in candidates] or 'none'}")
         path = candidates[0]
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: not a safetensors index ({e})") from None
+        weight_map = read_json_object(path, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightsError(f"{path}: not a safetensors index (no \"weight_map\" of tensor name -> file name)")
         files = sorted({path.parent / f for f in weight_map.values()})
     else:
         files = [path]
@@ -153,7 +157,19 @@ def load_gptds_weights(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
 
+HF_REQUIRED_FIELDS = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+
+
+def read_hf_config(folder: Path) -> GPTConfig:
+    return hf_config_to_gptds(read_json_object(Path(folder) / "config.json", "a Hugging Face config.json"), folder)
+
+
 def hf_config_to_gptds(hf: dict, source: Path) -> GPTConfig:
+    for name in HF_REQUIRED_FIELDS:
+        if not isinstance(hf.get(name), int) or isinstance(hf.get(name), bool) or hf[name] <= 0:
+            raise WeightsError(f"{source}/config.json: field {name!r} is "
+                               f"{'missing' if name not in hf else repr(hf[name])}; a GPT-2 config.json needs a "
+                               f"positive integer there")
     if hf.get("model_type") != "gpt2":
         raise WeightsError(f"{source}/config.json: model_type is {hf.get('model_type')!r}, only 'gpt2' is supported")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
@@ -206,12 +222,16 @@ def is_hf_directory(path: Path) -> bool:
 
 def load_hf_directory(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     path = Path(path)
-    config = hf_config_to_gptds(json.loads((path / "config.json").read_text()), path)
+    config = read_hf_config(path)
     if (path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file():
         _, sd = read_safetensors(safetensors_files(path / INDEX_FILE if (path / INDEX_FILE).is_file() else
                                                    path / "model.safetensors"))
     elif (path / "pytorch_model.bin").is_file():
-        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # damaged file
+            raise WeightsError(f"{path / 'pytorch_model.bin'}: not a readable PyTorch weights file, or truncated "
+                               f"({type(e).__name__})") from None
     else:
         raise WeightsError(f"{path}: Hugging Face directory without model.safetensors, {INDEX_FILE} "
                            f"or pytorch_model.bin")
@@ -253,7 +273,7 @@ def read_config(path: str | Path) -> GPTConfig:
     path = Path(path)
     kind = _kind(path)
     if kind == "hf":
-        return hf_config_to_gptds(json.loads((path / "config.json").read_text()), path)
+        return read_hf_config(path)
     if kind == "checkpoint":
         from gptds import checkpoint
         return GPTConfig.from_dict(checkpoint.read_meta(checkpoint.resolve(path))["model_config"])

@@ -13,6 +13,19 @@ from gptds.tokenizer import ASSETS_DIR
 # Every process the tests start finds the virtualenv's tools first: DeepSpeed's JIT-compiled ops are
 # rebuilt (about a minute) whenever a different ninja than the one that built them runs.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# ...and build them into the virtualenv, not a cache shared with every other checkout: a build killed
+# half-way (a timed-out test) leaves torch's lock file there, and every later build waits on it forever.
+EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+for stale_lock in EXTENSIONS_DIR.glob("*/*/lock"):  # no build runs before this session starts one
+    stale_lock.unlink()
+
+
+@pytest.fixture(scope="session")
+def cpu_adam_op():
+    """DeepSpeedCPUAdam (the offload configs' optimizer), compiled once here, in one process, before
+    ranks that need it start (~80 s the first time, then loaded from TORCH_EXTENSIONS_DIR)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    return CPUAdamBuilder().load()
 
 
 @pytest.fixture(scope="session")

@@ -3,27 +3,134 @@ of starting processes once. Launched by the tests as
     deepspeed --num_gpus 2 --no_local_rank tests/dist_runner.py SPEC.json OUT.json
 SPEC.json is a list of {"name", "argv"} (argv as for `gptds`, e.g. ["pretrain", "--max_steps", "4"]); each
 runs through the CLI parser and gptds.train.train, the real loop. Rank 0 writes OUT.json: per name the
-RunResult fields, or the error a run raised."""
+RunResult fields, or the error a run raised, and prints "=== scenario NAME" as each one starts.
+
+Optional per scenario, for the reliability tests:
+- "fault": {"kind", "rank", ...}: a failure injected on purpose, in this process only (monkeypatches,
+  undone after the scenario), on rank "rank" (all ranks when absent); see FAULTS.
+- "cli": true: run argv through gptds.__main__.main, as `gptds` does (a UserError is one line on stderr,
+  exit status 2), and exit with its status when that is not 0: a rank that fails alone leaves the others
+  waiting in a collective, and the launcher ends them. Such a scenario comes last in its launch."""
 
 import dataclasses
+import errno
 import json
+import os
+import signal
 import sys
 import traceback
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
-from gptds import dist
+import torch
+
+from gptds import checkpoint, dist
 from gptds.__main__ import build_parser
+from gptds.__main__ import main as cli_main
 from gptds.config import run_config_from_flags
+from gptds.model import GPT
 from gptds.train import train
+
+
+@contextmanager
+def patched(owner, name: str, replacement):
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(owner, name, original)
+
+
+def nan_loss(fault: dict):
+    """The training losses of forward calls number `calls` (counted from 1) become `value` (nan or inf)."""
+    original, count = GPT.forward, [0]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = original(self, idx, targets, kv_cache)
+        if loss is not None and self.training:
+            count[0] += 1
+            if count[0] in fault["calls"]:
+                loss = loss * float(fault.get("value", "nan"))
+        return logits, loss
+    return patched(GPT, "forward", forward)
+
+
+def _save_hook(fault: dict, act):
+    """torch.save as DeepSpeed's checkpoint engine calls it; act(path, files_written_so_far) runs before
+    each write into the folder of checkpoint tag fault["tag"]."""
+    original, written = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and fault["tag"] in Path(f).parts:
+            act(Path(f), written[0])
+            original(obj, f, *args, **kwargs)
+            written[0] += 1
+            return
+        original(obj, f, *args, **kwargs)
+    return patched(torch, "save", save)
+
+
+def kill_in_save(fault: dict):
+    """SIGKILL this rank in the middle of a checkpoint: after `after_files` files of that save, with the
+    next one half written."""
+    def act(path: Path, written: int):
+        if written == fault["after_files"]:
+            path.write_bytes(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _save_hook(fault, act)
+
+
+def enospc_in_save(fault: dict):
+    """The disk fills up during a checkpoint: after `after_files` files of that save, the next one is
+    half written and the write fails with ENOSPC."""
+    def act(path: Path, written: int):
+        if written == fault["after_files"]:
+            path.write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return _save_hook(fault, act)
+
+
+def kill_in_write_meta(fault: dict):
+    """SIGKILL while meta.json of checkpoint tag fault["tag"] is being written (half of its temp file)."""
+    original = checkpoint.write_meta
+
+    def write_meta(step_dir, meta):
+        if Path(step_dir).name == fault["tag"]:
+            (Path(step_dir) / (checkpoint.META_FILE + ".tmp")).write_text('{"format": "gptds-chec')
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(step_dir, meta)
+    return patched(checkpoint, "write_meta", write_meta)
+
+
+FAULTS = {"nan_loss": nan_loss, "kill_in_save": kill_in_save, "enospc_in_save": enospc_in_save,
+          "kill_in_write_meta": kill_in_write_meta}
+
+
+def run_scenario(scenario: dict) -> dict:
+    if scenario.get("cli"):
+        status = cli_main(scenario["argv"])
+        if status != 0:
+            sys.exit(status)
+        return {"exit_status": status}
+    args = build_parser().parse_args(scenario["argv"])
+    return dataclasses.asdict(train(run_config_from_flags(args.command, args)))
 
 
 def main(spec_path: str, out_path: str) -> None:
     info = dist.init_distributed()
     results = {}
     for scenario in json.load(open(spec_path)):
-        args = build_parser().parse_args(scenario["argv"])
+        dist.print0(f"=== scenario {scenario['name']}")
+        fault = scenario.get("fault")
         try:
-            result = dataclasses.asdict(train(run_config_from_flags(args.command, args)))
+            with ExitStack() as stack:
+                if fault and fault.get("rank", info.rank) == info.rank:
+                    stack.enter_context(FAULTS[fault["kind"]](fault))
+                result = run_scenario(scenario)
         except Exception as e:  # recorded for the test to show; the next scenario still runs
+            if scenario.get("cli"):
+                raise  # as `gptds` would: a traceback, exit status 1
             result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         results[scenario["name"]] = result
         if info.is_main:  # written after each scenario: a crash still leaves the ones before

@@ -140,7 +140,7 @@ def tiny_run(tmp_path_factory, text_data):
     log_dir = tmp_path_factory.mktemp("tiny_run")
     assert main(["pretrain", "--data_dir", str(text_data), "--log_dir", str(log_dir), "--max_steps", "2",
                  "--deepspeed_config", "zero2_fp32", "--eval_interval", "0", "--generate_interval", "0",
-                 *SMALL]) == 0
+                 "--hellaswag_interval", "0", *SMALL]) == 0
     return log_dir
 
 

@@ -113,7 +113,7 @@ def test_invalid_json_names_line_and_column(tmp_path):
     ({"zero_optimization": {"stage": 2, "bogus_key": 1}}, "bogus_key.*Extra inputs"),
     ({"fp16": {"enabled": "yes please"}}, "enabled.*valid boolean"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
-    ([1, 2], "expected a JSON object"),
+    ([1, 2], "expected a DeepSpeed JSON config, got a JSON list"),
 ])
 def test_deepspeed_schema_errors_are_one_line(tmp_path, config, message):
     with pytest.raises(UserError, match=message) as e:

@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent  # the virtualenv's deepspeed and gptds
 SCRIPTS = [ROOT / "launch" / name for name in ("cluster.sh", "slurm.sbatch", "docker_run.sh")] + [
     ROOT / "docker" / "entrypoint.sh"]
 TINY = ["--model", "tiny", "-B", "2", "-T", "32", "--eval_interval", "0", "--generate_interval", "0",
-        "--log_interval", "1"]
+        "--hellaswag_interval", "0", "--log_interval", "1"]
 FAST = 15  # seconds: bad input must be refused at least this fast (host lookups time out after 5 s)
 
 # Stand-ins for SLURM's commands. srun runs its command once per node on this machine, and, like slurmstepd,

@@ -27,7 +27,7 @@ STEPS = 10          # uninterrupted run
 HALF = STEPS // 2   # stop here, resume in new processes
 COMMON = ["--model", "tiny", "-B", "4", "-T", "32", "--lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", "2",
           "--lr_decay_steps", str(STEPS), "--eval_interval", "0", "--generate_interval", "0",
-          "--log_interval", "5", "--checkpoint_interval", "0", "--seed", "7"]
+          "--hellaswag_interval", "0", "--log_interval", "5", "--checkpoint_interval", "0", "--seed", "7"]
 MATRIX = [(stage, opt, ac) for stage in (1, 2, 3) for opt in ("adamw8bit", "adamw") for ac in (False, True)]
 OFFLOAD = ["zero2_offload", "zero3_offload"]
 BF16_STEPS = 4
@@ -57,7 +57,7 @@ def key(stage, opt, ac):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_data, dolly_data):
+def runs(tmp_path_factory, text_data, dolly_data, cpu_adam_op):
     tmp = tmp_path_factory.mktemp("training")
     configs = {stage: fp32_config(tmp, f"zero{stage}") for stage in (1, 2, 3)}
     configs.update({name: fp32_config(tmp, name) for name in OFFLOAD})

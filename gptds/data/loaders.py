@@ -116,6 +116,14 @@ class _Loader:
     def _epoch_size(self) -> int:
         raise NotImplementedError
 
+    def rows_per_epoch(self) -> int:
+        """Rows (sequences) in one pass over the split."""
+        return self._epoch_size()
+
+    def batches_per_epoch(self) -> int:
+        """Global steps of next_batch() in one pass over the split (at least 1)."""
+        return max(1, self.rows_per_epoch() // self.global_batch_size)
+
 
 class TextLoader(_Loader):
     """Windows of context_length + 1 tokens, one after another (each starts where the previous one's
@@ -202,6 +210,15 @@ class InstructLoader(_Loader):
 
     def _epoch_size(self) -> int:
         return self.num_records
+
+    def rows_per_epoch(self) -> int:
+        """Packed rows in one pass (epoch 0's order; other epochs differ by a few rows at most)."""
+        row_len, rows, used = self.context_length + 1, 1, 0
+        for length in self._lengths[self._order(0, self._records)]:
+            if used + length > row_len:
+                rows, used = rows + 1, 0
+            used += int(length)
+        return rows
 
     def _pack(self, num_rows: int) -> list[list[int]]:
         """The next num_rows rows from the current position, as lists of record ids; advances the position."""

@@ -203,7 +203,7 @@ def prepare_text(cfg: PrepareTextConfig) -> Path:
         shards = [entry for writer in writers.values() for entry in writer.close()]
         if documents == 0:
             raise UserError(f"no documents in {_describe_input(cfg)}: the input is empty "
-                            f"({report.empty_documents} empty documents, {report.skipped_bad} bad records skipped); "
+                            f"(empty documents: {report.empty_documents}, bad records skipped: {report.skipped_bad}); "
                             "nothing was written")
         if writers["train"].num_tokens == 0:
             raise UserError(f"the train split would be empty: all {position} tokens fall in validation block 0 "

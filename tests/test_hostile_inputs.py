@@ -1,0 +1,259 @@
+"""Hostile inputs, tried on purpose, for `prepare`, `pretrain`, `finetune`, `convert` and `generate`: empty,
+truncated, binary, wrong encoding, wrong fields and types, huge lines, DeepSpeed configs with wrong types or
+unknown keys, zero and negative sizes. Each must end with exit status 2 and one line on stderr,
+`gptds <command>: error: ...`, that names what is wrong (the file, line or byte offset, field or flag); no
+traceback; and nothing half-written left behind: the output never appears, and no staging or temp file stays.
+The counts go to the reliability report (tests/reliability_report.py)."""
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from reliability_report import write_report
+
+from gptds.__main__ import main
+from gptds.tokenizer import ASSETS_DIR
+
+FIGURES = {"inputs_tried": 0, "inputs_refused_cleanly": 0, "inputs_accepted_correctly": 0, "data_lost": 0,
+           "inputs": []}
+TRAIN = ["--model", "tiny", "-B", "2", "-T", "32", "--max_steps", "1", "--eval_interval", "0", "--generate_interval",
+         "0", "--hellaswag_interval", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield FIGURES
+    print(f"\nhostile-input figures: {write_report('hostile_inputs', FIGURES)}")
+
+
+# ---------------------------------------------------------------- the inputs: (file name, bytes)
+
+def dolly(**fields) -> bytes:
+    record = {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}
+    return (json.dumps({**record, **fields}) + "\n").encode()
+
+
+HF_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 50257}
+RNG = random.Random(0)
+BINARY = bytes(RNG.randrange(256) for _ in range(4096))
+
+FILES = {
+    "empty.txt": b"",
+    "empty.jsonl": b"",
+    "binary.txt": BINARY,
+    "latin1.txt": "Caf\u00e9 au lait, na\u00efve ROMEO.\n".encode("latin-1"),
+    "truncated.jsonl": b'{"text": "first document"}\n{"text": "second docu',
+    "no_text_field.jsonl": b'{"body": "hello"}\n',
+    "text_not_string.jsonl": b'{"text": 42}\n',
+    "not_json.jsonl": b"just a line of prose\n",
+    "binary.parquet": BINARY,
+    "dolly_no_response.jsonl": b'{"instruction": "a", "context": "", "category": "x"}\n',
+    "dolly_list_instruction.jsonl": dolly(instruction=["a", "list"]),
+    "dolly_number_response.jsonl": dolly() + dolly(response=42),
+    "alpaca_truncated.json": b'[{"instruction": "a", "input": "", "output": "b"}, {"instr',
+    "alpaca_object.json": b'{"instruction": "a", "input": "", "output": "b"}',
+    "ds_truncated.json": b'{"zero_optimization": {"stage": 2',
+    "ds_binary.json": BINARY,
+    "ds_list.json": b'[{"zero_optimization": {"stage": 2}}]',
+    "ds_stage_word.json": b'{"zero_optimization": {"stage": "two"}}',
+    "ds_unknown_key.json": b'{"zero_optimisation": {"stage": 2}}',
+    "ds_unknown_nested_key.json": b'{"zero_optimization": {"stage": 2, "overlap_commm": true}}',
+    "ds_wrong_type.json": b'{"zero_optimization": {"stage": 2, "overlap_comm": "yes please"}}',
+    "ds_negative_micro_batch.json": b'{"train_micro_batch_size_per_gpu": -1}',
+    "ds_optimizer_block.json": b'{"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}',
+    "garbage.safetensors": BINARY,
+    "hf_binary_config/config.json": BINARY,
+    "hf_missing_field/config.json": json.dumps({k: v for k, v in HF_CONFIG.items() if k != "n_embd"}).encode(),
+    "hf_wrong_type/config.json": json.dumps({**HF_CONFIG, "n_layer": "two"}).encode(),
+    "hf_truncated_weights/config.json": json.dumps(HF_CONFIG).encode(),
+    "hf_truncated_weights/model.safetensors": BINARY[:1000],
+    "hf_binary_bin/config.json": json.dumps(HF_CONFIG).encode(),
+    "hf_binary_bin/pytorch_model.bin": BINARY,
+    "not_a_checkpoint/step_00000004/something.pt": BINARY,
+    "empty_dir/.keep": b"",
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, text_data):
+    root = tmp_path_factory.mktemp("hostile")
+    for name, content in FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    # prepared datasets, damaged afterwards
+    for damage in ("truncated_shard", "truncated_manifest", "binary_manifest", "manifest_list"):
+        shutil.copytree(text_data, root / damage)
+    train_shard = sorted((root / "truncated_shard").glob("train_*.bin"))[0]
+    train_shard.write_bytes(train_shard.read_bytes()[:1001])
+    manifest = (root / "truncated_manifest" / "manifest.json")
+    manifest.write_text(manifest.read_text()[:200])
+    (root / "binary_manifest" / "manifest.json").write_bytes(BINARY)
+    (root / "manifest_list" / "manifest.json").write_text("[1, 2, 3]")
+    return root
+
+
+# ---------------------------------------------------------------- the cases: argv, what the error must name
+
+IN, OUT = "{in}", "{out}"
+CASES = {
+    # prepare text
+    "text: empty file": (["prepare", "text", "--input", IN + "/empty.txt", "--output_dir", OUT],
+                         r"no documents in \S+empty\.txt: the input is empty"),
+    "text: empty jsonl": (["prepare", "text", "--input", IN + "/empty.jsonl", "--output_dir", OUT],
+                          r"no documents in \S+empty\.jsonl"),
+    "text: binary": (["prepare", "text", "--input", IN + "/binary.txt", "--output_dir", OUT],
+                     r"binary\.txt: not UTF-8 text at byte offset 0"),
+    "text: latin-1": (["prepare", "text", "--input", IN + "/latin1.txt", "--output_dir", OUT],
+                      r"latin1\.txt: not UTF-8 text at byte offset 3"),
+    "text: truncated jsonl": (["prepare", "text", "--input", IN + "/truncated.jsonl", "--output_dir", OUT],
+                              r"truncated\.jsonl:2: malformed JSON"),
+    "text: missing field": (["prepare", "text", "--input", IN + "/no_text_field.jsonl", "--output_dir", OUT],
+                            r"no_text_field\.jsonl:1: record has no field 'text' \(fields: body\)"),
+    "text: wrong field type": (["prepare", "text", "--input", IN + "/text_not_string.jsonl", "--output_dir", OUT],
+                               r"text_not_string\.jsonl:1: field 'text' must be a string, got int"),
+    "text: prose in a jsonl": (["prepare", "text", "--input", IN + "/not_json.jsonl", "--output_dir", OUT],
+                               r"not_json\.jsonl:1: malformed JSON"),
+    "text: binary parquet": (["prepare", "text", "--input", IN + "/binary.parquet", "--output_dir", OUT],
+                             r"binary\.parquet: not a readable parquet file"),
+    "text: missing input": (["prepare", "text", "--input", IN + "/nothing-here.txt", "--output_dir", OUT],
+                            r"input \S+nothing-here\.txt does not exist"),
+    "text: zero shard size": (["prepare", "text", "--input", IN + "/latin1.txt", "--output_dir", OUT,
+                               "--shard_size", "0"], r"--shard_size \(prepare_text\.shard_size\) = 0 is not allowed"),
+    "text: negative val fraction": (["prepare", "text", "--input", IN + "/latin1.txt", "--output_dir", OUT,
+                                     "--val_fraction", "-0.5"], r"--val_fraction .* = -0\.5 is not allowed"),
+    # prepare dolly
+    "dolly: missing field": (["prepare", "dolly", "--input", IN + "/dolly_no_response.jsonl", "--output_dir", OUT],
+                             r"dolly_no_response\.jsonl:1: cannot tell the record layout from its fields"),
+    "dolly: list instead of text": (["prepare", "dolly", "--input", IN + "/dolly_list_instruction.jsonl",
+                                     "--output_dir", OUT],
+                                    r"dolly_list_instruction\.jsonl:1: field 'instruction' must be a string, got list"),
+    "dolly: number field on line 2": (["prepare", "dolly", "--input", IN + "/dolly_number_response.jsonl",
+                                       "--output_dir", OUT],
+                                      r"dolly_number_response\.jsonl:2: field 'response' must be a string, got int"),
+    "dolly: truncated array": (["prepare", "dolly", "--input", IN + "/alpaca_truncated.json", "--output_dir", OUT],
+                               r"alpaca_truncated\.json:1: malformed JSON"),
+    "dolly: object instead of array": (["prepare", "dolly", "--input", IN + "/alpaca_object.json",
+                                        "--output_dir", OUT], r"alpaca_object\.json"),
+    "dolly: empty": (["prepare", "dolly", "--input", IN + "/empty.jsonl", "--output_dir", OUT],
+                     r"empty\.jsonl"),
+    "dolly: zero context": (["prepare", "dolly", "--input", str(ASSETS_DIR / "dolly_sample.jsonl"), "--output_dir",
+                             OUT, "--context_length", "0"], r"--context_length .* = 0 is not allowed"),
+    # pretrain / finetune: DeepSpeed configs
+    "ds config: truncated": (["pretrain", "--deepspeed_config", IN + "/ds_truncated.json"],
+                             r"ds_truncated\.json:1:34: invalid JSON"),
+    "ds config: binary": (["pretrain", "--deepspeed_config", IN + "/ds_binary.json"],
+                          r"ds_binary\.json: not UTF-8 text at byte offset"),
+    "ds config: a list": (["pretrain", "--deepspeed_config", IN + "/ds_list.json"],
+                          r"ds_list\.json: expected a DeepSpeed JSON config, got a JSON list"),
+    "ds config: stage as a word": (["pretrain", "--deepspeed_config", IN + "/ds_stage_word.json"],
+                                   r"ds_stage_word\.json: zero_optimization\.stage = 'two'"),
+    "ds config: unknown key": (["pretrain", "--deepspeed_config", IN + "/ds_unknown_key.json"],
+                               r"ds_unknown_key\.json: unknown top-level key 'zero_optimisation' \(did you mean "
+                               r"'zero_optimization'\?\)"),
+    "ds config: unknown nested key": (["pretrain", "--deepspeed_config", IN + "/ds_unknown_nested_key.json"],
+                                      r"ds_unknown_nested_key\.json: DeepSpeed rejects this config: .*overlap_commm"),
+    "ds config: wrong type": (["pretrain", "--deepspeed_config", IN + "/ds_wrong_type.json"],
+                              r"ds_wrong_type\.json: DeepSpeed rejects this config: .*overlap_comm"),
+    "ds config: negative micro batch": (["pretrain", "--deepspeed_config", IN + "/ds_negative_micro_batch.json"],
+                                        r"train_micro_batch_size_per_gpu = -1 conflicts with --batch_size 2"),
+    "ds config: optimizer block": (["finetune", "--deepspeed_config", IN + "/ds_optimizer_block.json"],
+                                   r"ds_optimizer_block\.json: remove the \"optimizer\" block"),
+    "ds config: missing": (["pretrain", "--deepspeed_config", IN + "/nothing.json"], r"nothing\.json"),
+    # pretrain / finetune: flags and data
+    "train: zero batch": (["pretrain", "-B", "0"], r"--batch_size \(data\.batch_size\) = 0 is not allowed"),
+    "train: negative context": (["pretrain", "-T", "-8"], r"--context_length \(data\.context_length\) = -8"),
+    "train: negative lr": (["finetune", "--lr", "-0.1"], r"--lr \(train\.lr\) = -0\.1 is not allowed"),
+    "train: zero steps": (["pretrain", "--max_steps", "0"], r"--max_steps \(train\.max_steps\) = 0 is not allowed"),
+    "train: zero accumulation": (["pretrain", "--grad_accum_steps", "0"], r"--grad_accum_steps .* = 0"),
+    "train: negative keep": (["pretrain", "--keep_last_n_checkpoints", "-3"], r"--keep_last_n_checkpoints .* = -3"),
+    "data: truncated shard": (["pretrain", "--data_dir", IN + "/truncated_shard"],
+                              r"train_000000\.bin: 1001 bytes, but \S+manifest\.json says \d+ tokens"),
+    "data: truncated manifest": (["pretrain", "--data_dir", IN + "/truncated_manifest"],
+                                 r"truncated_manifest/manifest\.json: not valid JSON"),
+    "data: binary manifest": (["pretrain", "--data_dir", IN + "/binary_manifest"],
+                              r"binary_manifest/manifest\.json: not valid JSON"),
+    "data: manifest of a list": (["pretrain", "--data_dir", IN + "/manifest_list"],
+                                 r"manifest_list/manifest\.json: not a gptds manifest"),
+    "data: not a dataset": (["pretrain", "--data_dir", IN + "/empty_dir"], r"empty_dir has no manifest\.json"),
+    "finetune: text data": (["finetune", "--data_dir", "{text_data}"],
+                            r"holds 'text' data; `gptds finetune` needs data from `gptds prepare dolly`"),
+    "finetune: garbage weights": (["finetune", "--pretrained_checkpoint", IN + "/garbage.safetensors"],
+                                  r"garbage\.safetensors: not a readable safetensors file, or truncated"),
+    "finetune: config without a field": (["finetune", "--pretrained_checkpoint", IN + "/hf_missing_field"],
+                                         r"hf_missing_field/config\.json: field 'n_embd' is missing"),
+    # convert and generate
+    "convert: empty folder": (["convert", "zero-to-fp32", IN + "/empty_dir", OUT],
+                              r"empty_dir: no complete checkpoint here"),
+    "convert: incomplete step": (["convert", "zero-to-hf", IN + "/not_a_checkpoint", OUT],
+                                 r"not_a_checkpoint"),
+    "convert: a file as checkpoint": (["convert", "zero-to-universal", IN + "/binary.txt", OUT], r"binary\.txt"),
+    "convert: binary config.json": (["convert", "hf-to-gptds", IN + "/hf_binary_config", OUT + ".safetensors"],
+                                    r"hf_binary_config/config\.json: not UTF-8 text at byte offset"),
+    "convert: config field of a wrong type": (["convert", "hf-to-gptds", IN + "/hf_wrong_type", OUT + ".safetensors"],
+                                              r"hf_wrong_type/config\.json: field 'n_layer' is 'two'"),
+    "convert: truncated safetensors": (["convert", "hf-to-gptds", IN + "/hf_truncated_weights",
+                                        OUT + ".safetensors"],
+                                       r"hf_truncated_weights/model\.safetensors: not a readable safetensors file"),
+    "convert: binary pytorch_model.bin": (["convert", "hf-to-gptds", IN + "/hf_binary_bin", OUT + ".safetensors"],
+                                          r"hf_binary_bin/pytorch_model\.bin: not a readable PyTorch weights file"),
+    "generate: garbage weights": (["generate", "--checkpoint", IN + "/garbage.safetensors", "--prompt", "Hi"],
+                                  r"garbage\.safetensors: not a readable safetensors file"),
+}
+TRAINING = ("pretrain", "finetune")
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Staging folders and temp files that a clean refusal must not leave."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if re.search(r"\.partial|\.tmp|\.staging", p.name))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_is_refused_with_one_line_naming_it(case, inputs, text_data, tmp_path, capsys):
+    argv, expected = CASES[case]
+    out = tmp_path / "out"
+    argv = [a.replace(IN, str(inputs)).replace(OUT, str(out)).replace("{text_data}", str(text_data)) for a in argv]
+    if argv[0] in TRAINING:  # the case's own flags last, so that they win
+        argv = [argv[0], *TRAIN, "--log_dir", str(out), *argv[1:]]
+    before = sorted(p.name for p in inputs.rglob("*"))
+    FIGURES["inputs_tried"] += 1
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    command = argv[0]
+    assert status == 2, err
+    assert "Traceback" not in err
+    *progress, error = err.splitlines()  # progress bars (tqdm, on stderr) may come before the error
+    assert error.startswith(f"gptds {command}: error: ") and "error:" not in "".join(progress), err
+    assert all(re.search(r"\[\d\d:\d\d", line) for line in progress), err
+    assert re.search(expected, error), err
+    assert not out.exists() and not list(tmp_path.glob("out*")), sorted(tmp_path.iterdir())
+    assert leftovers(inputs) == [] and sorted(p.name for p in inputs.rglob("*")) == before
+    FIGURES["inputs_refused_cleanly"] += 1
+    FIGURES["inputs"].append({"case": case, "error": error})
+
+
+def test_a_huge_single_line_is_tokenised_not_refused(tmp_path, capsys):
+    """A 4 MB document on one line (no newline at all) is a document, not an error, and not held twice."""
+    words = (ASSETS_DIR / "tinyshakespeare.txt").read_text().split()
+    line = " ".join(RNG.choice(words) for _ in range(700_000))
+    assert len(line) > 3_500_000 and "\n" not in line
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"text": line}))  # a huge JSONL line, too
+    (tmp_path / "huge.txt").write_text(line)
+    FIGURES["inputs_tried"] += 2
+    from gptds.tokenizer import get_tokenizer
+    expected = len(get_tokenizer().encode_ordinary(line)) + 1  # and <|endoftext|>
+    for name in ("huge.txt", "huge.jsonl"):
+        out = tmp_path / f"out-{name}"
+        assert main(["prepare", "text", "--input", str(tmp_path / name), "--output_dir", str(out),
+                     "--num_workers", "0"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["documents"] == 1
+        assert sum(s["num_tokens"] for s in manifest["shards"]) == expected
+        FIGURES["inputs_accepted_correctly"] += 1
+    capsys.readouterr()
