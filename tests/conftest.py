@@ -1,6 +1,7 @@
 """Shared fixtures: the bundled demo data prepared once per test session (tiny Shakespeare as text
 shards, the 300 bundled Dolly records as instruction shards)."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,18 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
 for stale_lock in EXTENSIONS_DIR.glob("*/*/lock"):  # no build runs before this session starts one
     stale_lock.unlink()
+
+
+@pytest.fixture(autouse=True)
+def _deepspeed_logs_to_live_stdout():
+    """DeepSpeed's logger keeps the sys.stdout it saw at import. Imported during a test that captures
+    output (capsys), that stream is closed when the test ends, and every later DeepSpeed log line
+    prints a 'Logging error' traceback into whatever test runs then. Point it at today's stdout."""
+    from deepspeed.utils import logger
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:  # not pytest's own capture handlers (subclasses)
+            handler.setStream(sys.stdout)
+    yield
 
 
 @pytest.fixture(scope="session")

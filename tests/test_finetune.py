@@ -43,3 +43,17 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
     assert abs(lrs[55] - (1e-4 + 0.5 * 0.9e-3)) < 1e-12  # halfway through the cosine
     assert lrs[100] == lrs[119] == 1e-4
+
+
+def test_finetune_without_max_steps_trains_one_epoch(dolly_data, tmp_path, capsys):
+    """Fine-tuning's default length: one pass over the training split (packed rows / global batch)."""
+    from gptds.__main__ import main
+    loader = build_loader(dolly_data, "train", 8, 128, 0, 1, seed=1337)
+    epoch_steps = loader.rows_per_epoch() // 8
+    assert epoch_steps == loader.batches_per_epoch() > 1
+    assert main(["finetune", "--data_dir", str(dolly_data), "--log_dir", str(tmp_path), "--model", "tiny", "-B", "8",
+                 "-T", "128", "--eval_interval", "0", "--generate_interval", "0", "--checkpoint_interval", "0",
+                 "--log_interval", "1", "--deepspeed_config", "zero2_fp32"]) == 0
+    out = capsys.readouterr().out
+    assert f"{epoch_steps} steps (one epoch)" in out
+    assert f"step {epoch_steps}/{epoch_steps} | loss" in out and f"step {epoch_steps + 1}/" not in out
