@@ -244,9 +244,13 @@ def process_tree(root: int) -> list[int]:
     while todo:
         pid = todo.pop()
         pids.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:  # the process ended meanwhile
+            continue
+        for task in tasks:
             try:
                 todo += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:  # the task or process ended meanwhile
+            except OSError:  # the task ended meanwhile
                 pass
     return pids

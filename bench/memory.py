@@ -165,6 +165,29 @@ def mem_available_bytes() -> int:
     return int(match.group(1)) * 1024 if match else common.total_ram_bytes()
 
 
+def settled_mem_available_bytes(timeout_s: float = 90) -> int:
+    """MemAvailable once it stops rising: the kernel gives a killed candidate's memory back over seconds, after
+    its processes are gone, and a budget read in that window would doom the next candidate."""
+    deadline = time.perf_counter() + timeout_s
+    readings = [mem_available_bytes()]
+    while time.perf_counter() < deadline:
+        time.sleep(1.0)
+        readings.append(mem_available_bytes())
+        if len(readings) >= 4 and readings[-1] - readings[-4] < 64 * 2**20:
+            break
+    return readings[-1]
+
+
+def _wait_until_gone(pids: list[int], timeout_s: float = 120) -> None:
+    """Until every pid has exited and given its memory back (a zombie holds none)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        alive = [pid for pid in pids if _rss_bytes(pid) > 0]
+        if not alive:
+            return
+        time.sleep(WATCH_SECONDS)
+
+
 def launch(worker_args: list[str], args, out: Path, timeout_s: float, memory_budget: int) -> dict:
     """Run `deepspeed --num_gpus RANKS bench/memory.py --worker ...` in its own session; kill the whole group
     when it runs past timeout_s or its processes together hold more than memory_budget bytes."""
@@ -186,8 +209,10 @@ def launch(worker_args: list[str], args, out: Path, timeout_s: float, memory_bud
         elif time.perf_counter() - start > timeout_s:
             why = "time"
         if why:
+            ranks = common.process_tree(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)  # the group this call created: launcher and its ranks
             proc.wait()
+            _wait_until_gone(ranks)  # or the next candidate's budget is measured while their memory is held
             break
         time.sleep(WATCH_SECONDS)
     log.close()
@@ -217,7 +242,7 @@ def search(args, work: Path) -> dict:
     def attempt(n_layer: int) -> bool:
         remaining = args.search_budget_s - (time.perf_counter() - start)
         shape = gpt2_shape(n_layer)
-        budget = mem_available_bytes() - int(MEMORY_RESERVE_GIB * 2**30)
+        budget = settled_mem_available_bytes() - int(MEMORY_RESERVE_GIB * 2**30)
         n_params = count_parameters(GPTConfig(block_size=max(args.context_length, 64), **shape))
         print(f"search: n_layer {n_layer}, n_embd {shape['n_embd']} ({n_params / 1e6:,.0f}M parameters), "
               f"timeout {min(args.candidate_timeout_s, remaining):.0f} s, host memory budget {budget / 2**30:.1f} GiB",
