@@ -11,6 +11,16 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # CPU-only machines install the CPU build of torch explicitly: an unpinned torch pulls several GB of CUDA packages.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
+# The fine-tuning template (gptds/data/instruct.py), ending with the newline after "### Response:" as in training.
+define DEMO_PROMPT
+### Instruction:
+What is the capital of France?
+
+### Response:
+
+endef
+export DEMO_PROMPT
+
 .PHONY: demo test lint setup clean-runs
 
 setup: $(STAMP)
@@ -27,7 +37,7 @@ demo: $(STAMP)
 	$(BIN)/deepspeed --num_gpus $(RANKS) --no_local_rank --module gptds finetune --auto_resume \
 		--pretrained_checkpoint runs/pretrain/checkpoints
 	$(BIN)/gptds generate --checkpoint runs/finetune/checkpoints --temperature 0 --max_new_tokens 40 \
-		--prompt "$$(printf '### Instruction:\nWhat is the capital of France?\n\n### Response:\n')"
+		--prompt "$$DEMO_PROMPT"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,6 @@
 """The `gptds` command line: subcommands only, each a few lines handing typed settings to the module
-that does the work. User mistakes (UserError) print one line and exit 2, without a traceback."""
+that does the work. User mistakes (UserError) print one line and exit 2, without a traceback; so do
+errors of the machine (OSError: disk full, no permission), with exit status 1."""
 
 from __future__ import annotations
 
@@ -43,18 +44,17 @@ def _stdout_is_data(fn):
 
 @_stdout_is_data
 def _generate(args):
-    from gptds.generate import generate_from_checkpoint
-    texts = generate_from_checkpoint(args.checkpoint, [args.prompt], max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    return args.prompt + texts[0]
+    from gptds.config import from_flags
+    from gptds.generate import GenerateConfig, generate_from_checkpoint
+    cfg = from_flags(GenerateConfig, args)
+    return cfg.prompt + generate_from_checkpoint(cfg)
 
 
 @_stdout_is_data
 def _evaluate(args):
-    from gptds.evaluate import evaluate_checkpoint
-    return json.dumps(evaluate_checkpoint(args.checkpoint, hellaswag_file=args.hellaswag, limit=args.limit,
-                                          data_dir=args.data_dir, batch_size=args.batch_size,
-                                          context_length=args.context_length, eval_batches=args.eval_batches))
+    from gptds.config import from_flags
+    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
+    return json.dumps(evaluate_checkpoint(from_flags(EvaluateConfig, args)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,23 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
         p.set_defaults(func=_train(job))
 
+    from gptds.evaluate import EvaluateConfig
+    from gptds.generate import GenerateConfig
     p = sub.add_parser("generate", help="continue a prompt with a model")
-    p.add_argument("--checkpoint", required=True, help="gptds weights, training checkpoint or HF GPT-2 folder")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    add_flags(p, GenerateConfig)
     p.set_defaults(func=_generate)
-
     p = sub.add_parser("evaluate", help="HellaSwag accuracy (and validation loss) of a model, as JSON")
-    p.add_argument("--checkpoint", required=True, help="anything `generate` accepts")
-    p.add_argument("--hellaswag", default=None, help="HellaSwag JSONL; omitted: the bundled sample")
-    p.add_argument("--limit", type=int, default=0, help="score at most N items (0: all)")
-    p.add_argument("--data_dir", default=None, help="prepared dataset: also report its validation loss")
-    p.add_argument("--batch_size", "-B", type=int, default=8)
-    p.add_argument("--context_length", "-T", type=int, default=None, help="default: the model's block_size")
-    p.add_argument("--eval_batches", type=int, default=20)
+    add_flags(p, EvaluateConfig)
     p.set_defaults(func=_evaluate)
 
     from gptds.convert import add_convert_parser
@@ -111,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gptds {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not a bug: a full disk, a folder without write permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gptds {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"gptds {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,9 +18,9 @@ from gptds.model import PRESETS
 OPTIMIZERS = ("adamw8bit", "adamw")
 
 
-def flag(default, help: str, short: str | None = None, choices=None):
+def flag(default, help: str, short: str | None = None, choices=None, required: bool = False):
     """A dataclass field that is also a command-line flag --<name> (and `short`, e.g. -B)."""
-    return field(default=default, metadata=dict(help=help, short=short, choices=choices))
+    return field(default=default, metadata=dict(help=help, short=short, choices=choices, required=required))
 
 
 def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
@@ -55,7 +55,7 @@ class TrainConfig:
                                       "to it); fine-tuning's default: one epoch of the training split")
     grad_accum_steps: int = flag(1, "micro batches per optimizer step")
     lr: float = flag(1e-3, "peak learning rate")
-    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
+    min_lr: float | None = flag(None, "learning rate at the end of the cosine decay (omitted: 0.1 x --lr)")
     warmup_steps: int = flag(20, "linear warmup steps")
     lr_decay_steps: int = flag(0, "steps of the cosine decay to min_lr, counted from step 0 (0: max_steps); "
                                   "keep it fixed when a run is extended or stopped early")
@@ -71,7 +71,8 @@ class TrainConfig:
     hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)")
     generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)")
     generate_max_new_tokens: int = flag(48, "tokens per sample")
-    max_bad_steps: int = flag(5, "stop after this many consecutive steps with a NaN/inf loss")
+    max_bad_steps: int = flag(5, "stop after this many consecutive micro batches with a NaN/inf loss (each is "
+                                 "skipped and replaced by the next batch)")
     peak_tflops: float = flag(0.0, "accelerator peak TFLOP/s for MFU (0: look it up for known GPUs)")
 
     def __post_init__(self):
@@ -84,7 +85,12 @@ class TrainConfig:
             value = getattr(self, name)
             require(value >= 0, "train", name, value, "0 or a positive integer")
         require(self.lr > 0, "train", "lr", self.lr, "a positive number")
+        if self.min_lr is None:
+            self.min_lr = 0.1 * self.lr  # nanoGPT's and Chinchilla's ratio
         require(0 <= self.min_lr <= self.lr, "train", "min_lr", self.min_lr, f"between 0 and --lr ({self.lr})")
+        require(self.lr_decay_steps == 0 or self.lr_decay_steps > self.warmup_steps, "train", "lr_decay_steps",
+                self.lr_decay_steps, f"0 (max_steps) or more than --warmup_steps ({self.warmup_steps}): the cosine "
+                "decay starts where the warmup ends")
         require(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "0 or more")
         require(self.grad_clip >= 0, "train", "grad_clip", self.grad_clip, "0 (off) or more")
         require(self.optimizer in OPTIMIZERS, "train", "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
@@ -135,7 +141,7 @@ class RunConfig:
 # practice: small lr, light weight decay, about one epoch of the data.
 JOB_DEFAULTS = {
     "pretrain": {},
-    "finetune": dict(lr=3e-5, min_lr=3e-6, weight_decay=0.01, warmup_steps=10, max_steps=None, context_length=256,
+    "finetune": dict(lr=3e-5, weight_decay=0.01, warmup_steps=10, max_steps=None, context_length=256,
                      log_dir="runs/finetune", eval_interval=25, generate_interval=50, hellaswag_interval=0,
                      checkpoint_interval=50),
 }
@@ -159,7 +165,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None = None
         default = (defaults or {}).get(f.name, f.default)
         names = [f"--{f.name}"] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         tp = _field_type(cls, f)
-        help_text = f"{f.metadata['help']} (default: {default})"
+        required = f.metadata.get("required", False)
+        help_text = f.metadata["help"] + ("" if required else f" (default: {default})")
         if tp is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is list:
@@ -168,7 +175,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None = None
                                metavar=f.name.upper())
         else:
             group.add_argument(*names, type=tp, default=default, choices=f.metadata.get("choices"),
-                               help=help_text, metavar=f.name.upper() if not f.metadata.get("choices") else None)
+                               required=required, help=help_text,
+                               metavar=f.name.upper() if not f.metadata.get("choices") else None)
 
 
 def from_flags(cls, args: argparse.Namespace):

@@ -43,8 +43,8 @@ def init_distributed() -> DistInfo:
         return _info
     env = os.environ
     launched = "RANK" in env
-    # Not launched: a world of one with its own rendezvous on loopback (the environment is left alone,
-    # so processes this one starts do not inherit a rank).
+    # Not launched: a world of one with its own rendezvous on loopback (no RANK/MASTER_* is set, so
+    # processes this one starts do not inherit a rank; only LOCAL_RANK=0, below).
     init_method = "env://" if launched else f"tcp://127.0.0.1:{_free_port()}"
     rank, world_size = (int(env["RANK"]), int(env["WORLD_SIZE"])) if launched else (0, 1)
     if not launched:

@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can fix (bad flags, files, configs). The CLI prints it
-as a single line and exits non-zero, without a traceback; anything else is a bug and keeps its traceback.
+as a single line and exits non-zero, without a traceback (OSErrors too: disk full, permissions); anything
+else is a bug and keeps its traceback.
 Also the reader of the JSON files users hand to gptds, whose errors name the file and where in it."""
 
 import json

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gptds import dist
+from gptds.config import flag, require
 from gptds.errors import UserError
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode
 
@@ -107,20 +109,41 @@ def hellaswag_scores(logits_fn: LogitsFn, items: list[dict], block_size: int, de
     return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "n": int(n)}
 
 
-def evaluate_checkpoint(path: str, hellaswag_file: str | None = None, limit: int = 0, data_dir: str | None = None,
-                        batch_size: int = 8, context_length: int | None = None, eval_batches: int = 20) -> dict:
+@dataclass
+class EvaluateConfig:
+    """`gptds evaluate`'s settings (the names of the training flags that do the same)."""
+    checkpoint: str = flag(None, "anything `gptds generate` accepts", required=True)
+    hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled sample")
+    hellaswag_limit: int = flag(0, "score at most this many HellaSwag items (0: all)")
+    data_dir: str | None = flag(None, "prepared dataset: also report the validation loss of its val split")
+    batch_size: int = flag(8, "sequences per validation batch", short="-B")
+    context_length: int | None = flag(None, "tokens per validation sequence (omitted: the model's block_size)",
+                                      short="-T")
+    eval_batches: int = flag(20, "validation batches")
+
+    def __post_init__(self):
+        require(self.hellaswag_limit >= 0, "evaluate", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
+        for name in ("batch_size", "eval_batches"):
+            require(getattr(self, name) > 0, "evaluate", name, getattr(self, name), "a positive integer")
+        require(self.context_length is None or self.context_length > 0, "evaluate", "context_length",
+                self.context_length, "a positive integer, or omitted for the model's block_size")
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     """`gptds evaluate`: HellaSwag (and validation loss with data_dir) of any model path, one process."""
     from gptds.weights import load_model
     info = dist.init_distributed()
-    model = load_model(path).to(info.device).eval()
+    model = load_model(cfg.checkpoint).to(info.device).eval()
     block = model.config.block_size
-    result = hellaswag_scores(lambda x: model(x)[0], load_hellaswag(hellaswag_file, limit), block, info.device)
+    result = hellaswag_scores(lambda x: model(x)[0], load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit), block,
+                              info.device)
     result["val_loss"] = None
-    if data_dir:
+    if cfg.data_dir:
         from gptds.data.loaders import build_loader
-        T = context_length or block
+        T = cfg.context_length or block
         if T > block:
             raise UserError(f"--context_length {T} exceeds the model's block_size {block}")
-        loader = build_loader(data_dir, "val", batch_size, T, info.rank, info.world_size, seed=0, shuffle=False)
-        result["val_loss"] = validation_loss(lambda x, y: model(x, y)[1], loader, eval_batches, info.device)
+        loader = build_loader(cfg.data_dir, "val", cfg.batch_size, T, info.rank, info.world_size, seed=0,
+                              shuffle=False)
+        result["val_loss"] = validation_loss(lambda x, y: model(x, y)[1], loader, cfg.eval_batches, info.device)
     return result

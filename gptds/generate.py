@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from gptds.config import flag, require
 from gptds.tokenizer import EOT_ID, decode, encode
 
 # The fixed prompts sampled during training: text prompts for pretraining, templated instructions for
@@ -35,9 +38,26 @@ def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temp
     return out
 
 
-def generate_from_checkpoint(path: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
-                             top_k: int | None = None, seed: int = 1337) -> list[str]:
+@dataclass
+class GenerateConfig:
+    """`gptds generate`'s settings."""
+    checkpoint: str = flag(None, "gptds weights, training checkpoint or Hugging Face GPT-2 folder", required=True)
+    prompt: str = flag(None, "the text to continue", required=True)
+    max_new_tokens: int = flag(64, "tokens to generate at most (fewer if <|endoftext|> comes first)")
+    temperature: float = flag(1.0, "sampling temperature (0: greedy)")
+    top_k: int | None = flag(None, "sample from the k most likely tokens only (omitted: all)")
+    seed: int = flag(1337, "sampling seed")
+
+    def __post_init__(self):
+        require(self.max_new_tokens > 0, "generate", "max_new_tokens", self.max_new_tokens, "a positive integer")
+        require(self.temperature >= 0, "generate", "temperature", self.temperature, "0 (greedy) or more")
+        require(self.top_k is None or self.top_k > 0, "generate", "top_k", self.top_k,
+                "a positive integer, or omitted for all tokens")
+
+
+def generate_from_checkpoint(cfg: GenerateConfig) -> str:
+    """The continuation of cfg.prompt by the model at cfg.checkpoint."""
     from gptds.weights import load_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path).to(device)
-    return sample(model, prompts, max_new_tokens, temperature, top_k, seed, device)
+    model = load_model(cfg.checkpoint).to(device)
+    return sample(model, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, device)[0]

@@ -113,7 +113,14 @@ def resume_target(run: RunConfig) -> Path | None:
     """The step folder to continue from, or None for a fresh start."""
     ck = run.checkpoint
     if ck.resume:
-        return checkpoint.resolve(ck.checkpoint_path)
+        target = checkpoint.resolve(ck.checkpoint_path)
+        step = checkpoint.read_meta(target).get("step", 0)
+        newer = [p.name for p in checkpoint.complete_checkpoints(run.checkpoint_dir) if checkpoint.step_of(p) > step]
+        if newer:  # keep-last-N and --auto_resume rank by step: they would prefer these to the new saves
+            raise UserError(f"--resume from step {step} ({target}) into {run.checkpoint_dir}, which holds newer "
+                            f"checkpoints ({', '.join(newer)}) that keep-last-N and --auto_resume would take for "
+                            f"this run's; resume into a new --log_dir/--checkpoint_dir, or delete those folders")
+        return target
     latest = checkpoint.find_latest(run.checkpoint_dir)
     if ck.auto_resume:
         return latest
@@ -147,10 +154,13 @@ def check_resumable(meta: dict, step_dir: Path, model_config: GPTConfig, data_sh
         raise UserError(f"{step_dir} was trained with --optimizer {meta['optimizer']}; resume with the same optimizer")
     if meta.get("kind") != "universal":
         if meta["world_size"] != world_size or meta["zero_stage"] != engine.zero_stage(ds_config):
-            raise UserError(f"{step_dir} was saved by {meta['world_size']} ranks under ZeRO-{meta['zero_stage']}; this "
-                            f"run has {world_size} ranks under ZeRO-{engine.zero_stage(ds_config)}. Convert it first: "
-                            f"`gptds convert zero-to-universal {step_dir} OUT_DIR`, then --resume --checkpoint_path "
-                            f"OUT_DIR")
+            saved = (f"{step_dir} was saved by {meta['world_size']} ranks under ZeRO-{meta['zero_stage']}; this run "
+                     f"has {world_size} ranks under ZeRO-{engine.zero_stage(ds_config)}")
+            if meta["optimizer"] == "adamw8bit":  # convert.py refuses it: no per-parameter form of 8-bit moments
+                raise UserError(f"{saved}. Its 8-bit AdamW state only resumes on the same ranks and stage: run with "
+                                f"{meta['world_size']} ranks under ZeRO-{meta['zero_stage']}, or {fix}")
+            raise UserError(f"{saved}. Convert it first: `gptds convert zero-to-universal {step_dir} OUT_DIR`, then "
+                            f"--resume --checkpoint_path OUT_DIR")
 
 
 def check_writable(path: Path, flag: str) -> None:

@@ -111,18 +111,19 @@ def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Ten
     return write_safetensors(tensors, out, gptds_metadata(config, metadata), max_shard_bytes=max_shard_bytes)
 
 
-def read_safetensors(files: list[Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_safetensors(files: list[Path], tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header metadata and (unless tensors=False) the tensors of safetensors files."""
     from safetensors import SafetensorError
-    metadata, tensors = {}, {}
+    metadata, out = {}, {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 metadata = sf.metadata() or metadata
-                for k in sf.keys():
-                    tensors[k] = sf.get_tensor(k)
+                for k in (sf.keys() if tensors else ()):
+                    out[k] = sf.get_tensor(k)
         except SafetensorError as e:
             raise WeightsError(f"{f}: not a readable safetensors file, or truncated ({e})") from None
-    return metadata, tensors
+    return metadata, out
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -150,9 +151,19 @@ def safetensors_files(path: Path) -> list[Path]:
 def load_gptds_weights(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """A .safetensors file, its .index.json, or a folder holding either."""
     metadata, tensors = read_safetensors(safetensors_files(path))
+    return _gptds_config(path, metadata), tensors
+
+
+def read_gptds_config(path: Path) -> GPTConfig:
+    """The config of a gptds weights file from its safetensors header, without reading the tensors."""
+    metadata, _ = read_safetensors(safetensors_files(path)[:1], tensors=False)
+    return _gptds_config(path, metadata)
+
+
+def _gptds_config(path: Path, metadata: dict) -> GPTConfig:
     if "gptds_config" not in metadata:
         raise WeightsError(f"{path}: safetensors weights without gptds_config metadata (not written by gptds)")
-    return GPTConfig.from_dict(json.loads(metadata["gptds_config"])), tensors
+    return GPTConfig.from_dict(json.loads(metadata["gptds_config"]))
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
@@ -277,7 +288,7 @@ def read_config(path: str | Path) -> GPTConfig:
     if kind == "checkpoint":
         from gptds import checkpoint
         return GPTConfig.from_dict(checkpoint.read_meta(checkpoint.resolve(path))["model_config"])
-    return load_gptds_weights(path)[0]
+    return read_gptds_config(path)
 
 
 def load_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:

@@ -89,8 +89,8 @@ def test_generate_and_evaluate_read_a_zero3_training_checkpoint(pipeline, text_d
                "--temperature", "0"])
     assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
     assert "[WARNING]" not in gen.stdout and "Reconstructed" not in gen.stdout  # DeepSpeed's chatter: stderr
-    ev = run([str(BIN / "gptds"), "evaluate", "--checkpoint", ckpt, "--limit", "8", "--data_dir", str(text_data),
-              "-T", "32", "--eval_batches", "2"])
+    ev = run([str(BIN / "gptds"), "evaluate", "--checkpoint", ckpt, "--hellaswag_limit", "8",
+              "--data_dir", str(text_data), "-T", "32", "--eval_batches", "2"])
     result = json.loads(ev.stdout)  # stdout is exactly the JSON
     assert result["n"] == 8 and 0 <= result["hellaswag_acc"] <= 1 and 0 <= result["hellaswag_acc_norm"] <= 1
     assert 0 < result["val_loss"] < 20

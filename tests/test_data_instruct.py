@@ -27,7 +27,7 @@ from gptds.errors import UserError
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, decode
 
 DOLLY = ASSETS_DIR / "dolly_sample.jsonl"
-SHARED_DOLLY = Path("/work/shared/data/dolly15k/dolly15k_sample.jsonl")
+SHARED_DOLLY = Path(__file__).resolve().parents[2] / "shared/data/dolly15k/dolly15k_sample.jsonl"  # ../shared
 ROOT = Path(__file__).resolve().parents[1]
 M = IGNORE_INDEX
 
@@ -212,7 +212,7 @@ def test_cli_prepare_dolly(tmp_path):
     assert "records" in result.stdout
 
 
-@pytest.mark.skipif(not SHARED_DOLLY.is_file(), reason="/work/shared data not present")
+@pytest.mark.skipif(not SHARED_DOLLY.is_file(), reason="../shared (beside the clone) not present")
 def test_shared_dolly_sample(tmp_path):
     folder = _prepare(tmp_path, input=[str(SHARED_DOLLY)])
     manifest = load_manifest(folder)

@@ -19,7 +19,7 @@ from gptds.data.sources import ReadReport, find_cut, iter_text_file, tokenize_pi
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, VOCAB_SIZE, encode
 
 SHAKESPEARE = ASSETS_DIR / "tinyshakespeare.txt"
-SHARED_SHAKESPEARE = Path("/work/shared/data/text/tinyshakespeare.txt")
+SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/text/tinyshakespeare.txt"  # ../shared
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -168,7 +168,7 @@ def test_cli_prepare_text(tmp_path, shakespeare_tokens):
     assert again.stderr.strip().splitlines() == [message]
 
 
-@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason="/work/shared data not present")
+@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason="../shared (beside the clone) not present")
 def test_shared_copy_is_the_bundled_one():
     assert SHARED_SHAKESPEARE.read_bytes() == SHAKESPEARE.read_bytes()
     assert np.array_equal(tokenize_pieces(list(iter_text_file(SHARED_SHAKESPEARE, ReadReport())))[0][:10],

@@ -1,0 +1,117 @@
+"""Run settings and resume rules checked before any work, without launching a run: learning-rate
+defaults and limits, which checkpoint a resume may continue from, and what a mismatched resume says."""
+
+import re
+
+import pytest
+
+from gptds import checkpoint
+from gptds.__main__ import build_parser, main
+from gptds.config import TrainConfig, run_config_from_flags
+from gptds.errors import UserError
+from gptds.model import GPTConfig
+from gptds.train import check_resumable, resume_target
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr_so_lowering_lr_alone_works():
+    assert TrainConfig().min_lr == pytest.approx(1e-4)
+    assert TrainConfig(lr=5e-5).min_lr == pytest.approx(5e-6)
+    args = build_parser().parse_args(["finetune", "--lr", "1e-6"])
+    assert run_config_from_flags("finetune", args).train.min_lr == pytest.approx(1e-7)
+    with pytest.raises(UserError, match=r"--min_lr \(train.min_lr\) = 0.01 is not allowed: between 0 and --lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+
+
+def test_a_decay_shorter_than_the_warmup_is_refused():
+    assert TrainConfig(warmup_steps=10, lr_decay_steps=11).lr_decay_steps == 11
+    with pytest.raises(UserError, match=r"--lr_decay_steps \(train.lr_decay_steps\) = 10 is not allowed: 0 "
+                                        r"\(max_steps\) or more than --warmup_steps \(10\)"):
+        TrainConfig(warmup_steps=10, lr_decay_steps=10)
+
+
+def _fake_checkpoint(checkpoint_dir, step: int):
+    step_dir = checkpoint_dir / checkpoint.step_tag(step)
+    step_dir.mkdir(parents=True)
+    (step_dir / "shard.pt").write_bytes(b"x" * step)
+    checkpoint.write_meta(step_dir, {"step": step})
+    return step_dir
+
+
+def _run(tmp_path, *flags):
+    args = build_parser().parse_args(["pretrain", "--log_dir", str(tmp_path / "run"), *flags])
+    return run_config_from_flags("pretrain", args)
+
+
+def test_resuming_an_older_step_into_a_folder_with_newer_ones_is_refused(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    older, newest = _fake_checkpoint(checkpoints, 100), _fake_checkpoint(checkpoints, 300)
+    # keep-last-N and --auto_resume rank by step: the new run's saves would lose to step 300
+    with pytest.raises(UserError, match=r"--resume from step 100 .* holds newer checkpoints \(step_00000300\).* "
+                                        r"resume into a new --log_dir/--checkpoint_dir, or delete those folders"):
+        resume_target(_run(tmp_path, "--resume", "--checkpoint_path", str(older)))
+    assert resume_target(_run(tmp_path, "--resume", "--checkpoint_path", str(newest))) == newest
+    assert resume_target(_run(tmp_path, "--auto_resume")) == newest
+    # into a new folder, the old step is fine
+    elsewhere = _run(tmp_path / "new", "--resume", "--checkpoint_path", str(older))
+    assert resume_target(elsewhere) == older
+
+
+META = {"model_config": GPTConfig.from_preset("tiny").to_dict(), "data_manifest_sha256": "ab" * 32,
+        "world_size": 2, "zero_stage": 2}
+
+
+def test_another_world_size_offers_the_universal_conversion_only_where_it_exists(tmp_path):
+    run = _run(tmp_path, "--model", "tiny", "--optimizer", "adamw")
+    ds_config = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(UserError, match=r"saved by 2 ranks under ZeRO-2; this run has 1 ranks under ZeRO-2\. "
+                                        r"Convert it first: `gptds convert zero-to-universal"):
+        check_resumable({**META, "optimizer": "adamw"}, tmp_path, GPTConfig.from_preset("tiny"), "ab" * 32,
+                        ds_config, run, world_size=1)
+    run = _run(tmp_path, "--model", "tiny", "--optimizer", "adamw8bit")
+    with pytest.raises(UserError, match=r"Its 8-bit AdamW state only resumes on the same ranks and stage: run with "
+                                        r"2 ranks under ZeRO-2, or start a new run") as refused:
+        check_resumable({**META, "optimizer": "adamw8bit"}, tmp_path, GPTConfig.from_preset("tiny"), "ab" * 32,
+                        ds_config, run, world_size=1)
+    assert "zero-to-universal" not in str(refused.value)  # convert.py refuses 8-bit state
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--prompt", "Hi", "--top_k", "0"], r"--top_k \(generate.top_k\) = 0 is not allowed"),
+    (["generate", "--prompt", "Hi", "--temperature", "-1"], r"--temperature \(generate.temperature\) = -1.0"),
+    (["generate", "--prompt", "Hi", "--max_new_tokens", "0"], r"--max_new_tokens \(generate.max_new_tokens\) = 0"),
+    (["evaluate", "--eval_batches", "0"], r"--eval_batches \(evaluate.eval_batches\) = 0 is not allowed"),
+    (["evaluate", "--hellaswag_limit", "-1"], r"--hellaswag_limit \(evaluate.hellaswag_limit\) = -1"),
+    (["evaluate", "-T", "0"], r"--context_length \(evaluate.context_length\) = 0"),
+])
+def test_generate_and_evaluate_refuse_bad_numbers_in_one_line(argv, expected, tmp_path, capsys):
+    assert main([*argv, "--checkpoint", str(tmp_path / "nothing-read")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gptds {argv[0]}: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(expected, err), err
+
+
+def test_a_machine_error_is_one_line_with_the_path(tmp_path, capsys):
+    """OSError (here: a name longer than the file system allows) is the machine's answer, not a bug."""
+    too_long = tmp_path / ("a" * 300)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be.\n")
+    status = main(["prepare", "text", "--input", str(corpus), "--output_dir", str(too_long)])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"gptds prepare: error: {too_long}: File name too long", err
+
+
+def test_the_pretrained_config_is_read_from_the_header_alone(tmp_path):
+    """The architecture of --pretrained_checkpoint comes from the first shard's header; the weights are read
+    once, later, by the model's loader (here the second shard is cut short, and only the loader notices)."""
+    from gptds.model import GPT
+    from gptds.weights import WeightsError, load_weights, read_config, save_gptds_weights, state_dict_for_saving
+    config = GPTConfig.from_preset("tiny")
+    files = save_gptds_weights(config, state_dict_for_saving(GPT(config)).items(), tmp_path / "w",
+                               max_shard_bytes=2_000_000)
+    shards = sorted(f for f in files if f.suffix == ".safetensors")
+    assert len(shards) >= 2
+    shards[1].write_bytes(shards[1].read_bytes()[:-1000])
+    assert read_config(tmp_path / "w") == config
+    with pytest.raises(WeightsError, match="not a readable safetensors file, or truncated"):
+        load_weights(tmp_path / "w")
