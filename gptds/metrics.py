@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -31,17 +32,23 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
 
 
 class MetricsLogger:
-    """log(step, {...}) writes scalars to TensorBoard and a line to metrics.jsonl; no-op off rank 0."""
+    """log(step, {...}) writes scalars to TensorBoard and a line to metrics.jsonl; no-op off rank 0.
+    A run that starts at start_step (resumed from that checkpoint) first drops what an earlier attempt
+    logged after it, the work the kill lost: TensorBoard's purge_step hides those events, and metrics.jsonl
+    is rewritten without those lines, so each step appears once in both."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool):
+    def __init__(self, log_dir: str | Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(self.log_dir / "tensorboard"))
-        self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=start_step + 1)
+        path = self.log_dir / "metrics.jsonl"
+        if path.exists():
+            _drop_lines_after(path, start_step)
+        self.jsonl = open(path, "a")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -61,3 +68,18 @@ class MetricsLogger:
         if self.enabled:
             self.tb.close()
             self.jsonl.close()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (via a temp file and rename) keeping the lines of steps <= step."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -322,7 +322,7 @@ def train(run: RunConfig) -> RunResult:
     logging, evaluation, HellaSwag, samples and checkpoints at their intervals."""
     s = set_up(run)
     cfg, info, eng, result = run.train, s.info, s.eng, s.result
-    log = MetricsLogger(cfg.log_dir, info.is_main)  # created once every check has passed
+    log = MetricsLogger(cfg.log_dir, info.is_main, result.step)  # created once every check has passed
     stop = StopRequest()
     bad = BadStepCounter(cfg.max_bad_steps, result)
     step_times: list[float] = []

@@ -115,3 +115,29 @@ def test_the_pretrained_config_is_read_from_the_header_alone(tmp_path):
     assert read_config(tmp_path / "w") == config
     with pytest.raises(WeightsError, match="not a readable safetensors file, or truncated"):
         load_weights(tmp_path / "w")
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """What a killed attempt logged after its last checkpoint is dropped from metrics.jsonl and hidden in
+    TensorBoard when the run resumes from that checkpoint; the kept history is untouched."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptds.metrics import MetricsLogger
+    first = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 11):
+        first.log(step, {"loss": 10.0 - step})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "lo')  # cut short by the kill
+    resumed = MetricsLogger(tmp_path, enabled=True, start_step=6)  # the checkpoint was at step 6
+    for step in range(7, 9):
+        resumed.log(step, {"loss": 100.0 + step})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in lines] == [(s, 10.0 - s) for s in range(1, 7)] + [(7, 107.0), (8, 108.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 10.0 - s) for s in range(1, 7)] + \
+        [(7, 107.0), (8, 108.0)]
