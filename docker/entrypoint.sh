@@ -38,7 +38,25 @@ if torch.version.cuda is None or image_cuda.split(".")[:2] != torch.version.cuda
 EOF
 fi
 
+# Training stops cleanly on `docker stop` (or Ctrl-C): this shell, PID 1 of the container, receives the SIGTERM
+# (the kernel drops signals PID 1 has no handler for, so a training command exec'd here would never see it, and
+# deepspeed's local launcher has none) and turns it into SIGUSR1 for every process of the container: the
+# launchers ignore it (started with it ignored), the gptds ranks checkpoint at the next step boundary and exit 0.
+# docker stop waits --stop-timeout seconds (launch/docker_run.sh: 300) before its SIGKILL.
+run_stoppable() {
+    trap '' USR1
+    "$@" &
+    local child=$! status=0
+    # shellcheck disable=SC2317  # runs from the trap
+    trap 'echo "gptds entrypoint: stop requested: asking the ranks to checkpoint and exit" >&2; kill -USR1 0' TERM INT
+    while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal ends `wait` early
+    wait "$child" || status=$?
+    exit "$status"
+}
+
 case $1 in
-    deepspeed|ds_report|tensorboard|python|python3|bash|sh|nvidia-smi) exec "$@" ;;
+    deepspeed) run_stoppable "$@" ;;
+    pretrain|finetune) run_stoppable gptds "$@" ;;
+    ds_report|tensorboard|python|python3|bash|sh|nvidia-smi) exec "$@" ;;
     *) exec gptds "$@" ;;
 esac

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -65,8 +66,10 @@ def lazy_zero_tensors(step_dir: Path) -> tuple[GPTConfig, dict, dict]:
     config = GPTConfig.from_dict(meta["model_config"])
     try:
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, EOFError) as e:
-        raise UserError(f"{step_dir}: DeepSpeed cannot read this checkpoint's shards ({e})") from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, AssertionError, pickle.UnpicklingError) as e:
+        # damaged shards whose sizes still match meta.json fail inside DeepSpeed's reader or torch.load
+        raise UserError(f"{step_dir}: DeepSpeed cannot read this checkpoint's shards "
+                        f"({type(e).__name__}: {e})") from None
     return config, meta, lazy
 
 

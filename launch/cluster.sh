@@ -19,6 +19,8 @@
 #   MASTER_ADDR  an address of node 0 that every node reaches (default: the first host of HOSTFILE)
 #   MASTER_PORT  a free TCP port on node 0 for the rendezvous (default: 29500)
 #   SSH_PORT     ssh port of the hosts, if not 22
+#   DS_ACCELERATOR  deepspeed's accelerator on this node (default: cuda). It decides which variables deepspeed
+#                exports to the nodes (cuda: NCCL_*; its CPU backend, picked on a node without a GPU, exports none)
 # NCCL (set in your shell; deepspeed exports every NCCL_* variable to all nodes):
 #   NCCL_SOCKET_IFNAME=eth0  the interface for NCCL's bootstrap and TCP traffic; set it when nodes have several
 #                            (docker0, lo, ib0, ...): a wrong pick hangs the first collective
@@ -74,6 +76,8 @@ LOG_DIR=${LOG_DIR:-runs/$RUN_NAME}
 MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
 MASTER_PORT=${MASTER_PORT:-29500}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# A login node without a GPU would make deepspeed pick its CPU backend, which exports no NCCL_* to the nodes.
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
 ds_opts=(--hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 [[ -n ${SSH_PORT:-} ]] && ds_opts+=(--ssh_port "$SSH_PORT")
 

@@ -20,6 +20,7 @@
 #   NAME      container name, for docker exec / docker stop (default: gptds)
 #   TB_PORT   host port for TensorBoard's 6006 (default: 6006)
 #   GPUS      docker's --gpus value (default: all; e.g. '"device=0,1"')
+#   STOP_TIMEOUT  seconds `docker stop` waits for the checkpoint before killing (default: 300)
 set -euo pipefail
 
 die() { echo "docker_run.sh: error: $*" >&2; exit 2; }
@@ -37,7 +38,8 @@ command -v docker >/dev/null || die "docker not found on PATH"
 
 tty=()
 if [[ -t 0 && -t 1 ]]; then tty=(-it); fi
-exec docker run --rm "${tty[@]}" --name "${NAME:-gptds}" \
+# --stop-timeout: `docker stop` makes the ranks checkpoint (docker/entrypoint.sh) and waits this long for it.
+exec docker run --rm "${tty[@]}" --name "${NAME:-gptds}" --stop-timeout "${STOP_TIMEOUT:-300}" \
     --gpus "${GPUS:-all}" --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
     --user "$(id -u):$(id -g)" --env HOME=/tmp --env USER="$(id -un)" \
     --volume "$(realpath "$DATA_DIR"):/workspace/data" --volume "$(realpath "$RUNS_DIR"):/workspace/runs" \

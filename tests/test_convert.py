@@ -4,6 +4,7 @@ safetensors (sharded) load back exactly; universal checkpoints resume a 2-rank Z
 ZeRO-1 run under ZeRO-3 with the loss it had; bad input is one line and leaves nothing half-written."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,26 @@ def test_missing_and_truncated_rank_shards(ckpts, tmp_path, capsys):
     shard.unlink()
     fails(["convert", "zero-to-hf", str(broken), str(tmp_path / "out"), "--tag", "step_00000006"], capsys,
           shard.name, "missing")
+    no_leftovers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damaged", ["*optim_states.pt", "*model_states.pt"])
+@pytest.mark.parametrize("command", ["zero-to-fp32", "zero-to-hf", "zero-to-universal"])
+def test_a_damaged_shard_of_the_right_size_is_one_line(ckpts, tmp_path, capsys, command, damaged):
+    """Sizes match meta.json, contents are garbage (bit rot, a copy gone wrong): DeepSpeed's reader fails, and
+    gptds says which checkpoint, in one line, leaving nothing behind."""
+    import shutil
+    broken = tmp_path / "ckpt"
+    source = ckpts["tmp"] / ("z1" if command == "zero-to-universal" else "z3") / "checkpoints"
+    step = checkpoint.find_latest(source)
+    shutil.copytree(step, broken / step.name)
+    shard = next((broken / step.name).glob(damaged))
+    shard.write_bytes(bytes(range(256)) * (shard.stat().st_size // 256) + b"\0" * (shard.stat().st_size % 256))
+    assert main(["convert", command, str(broken), str(tmp_path / "out")]) == 2
+    *progress, error = capsys.readouterr().err.strip().splitlines()  # DeepSpeed's reader draws a progress bar
+    assert all(re.search(r"\[\d\d:\d\d", line) for line in progress) and "Traceback" not in error, progress
+    assert error.startswith("gptds convert: error: ") and step.name in error, error
+    assert "cannot read this checkpoint's shards" in error, error
     no_leftovers(tmp_path / "out")
 
 

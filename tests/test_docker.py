@@ -162,3 +162,43 @@ def test_entrypoint_runs_gptds_when_the_check_is_skipped():
 def test_entrypoint_passes_other_programs_through():
     proc = entrypoint("ds_report")  # reports the GPU and the ops itself, so it runs without the check
     assert proc.returncode == 0 and "DeepSpeed C++/CUDA extension op report" in proc.stdout, proc.stderr
+
+
+def test_docker_stop_makes_a_training_run_checkpoint_and_exit_0(tmp_path, text_data):
+    """`docker stop` sends SIGTERM to the container's PID 1, the entrypoint shell, only: the deepspeed launch it
+    started checkpoints at the next step boundary and the container exits 0 (without the forwarding, PID 1 drops
+    the signal and docker's SIGKILL follows)."""
+    import json
+    import signal
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if k != "CUDA_VERSION"}
+    environment.update(PATH=f"{BIN}:{os.environ['PATH']}", GPTDS_SKIP_GPU_CHECK="1")
+    out = tmp_path / "out.txt"
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(ENTRYPOINT), "deepspeed", "--num_gpus", "2", "--no_local_rank", "--master_port", str(port), "--module",
+         "gptds", "pretrain", "--data_dir", str(text_data), "--log_dir", str(run_dir), "--deepspeed_config",
+         "zero2_fp32", "--model", "tiny", "-B", "2", "-T", "32", "--eval_interval", "0", "--generate_interval", "0",
+         "--hellaswag_interval", "0", "--log_interval", "1", "--max_steps", "500", "--checkpoint_interval", "0"],
+        env=environment, stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "step 2/500" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        try:  # whatever is left of the launch (ranks orphaned by a launcher that died at once, say)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = out.read_text()
+    assert code == 0, text[-3000:]
+    assert "gptds entrypoint: stop requested" in text and "stop requested by signal" in text, text[-3000:]
+    (newest,) = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert json.loads((newest / "meta.json").read_text())["step"] >= 2

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from gptds import checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the virtualenv's deepspeed and gptds
 SCRIPTS = [ROOT / "launch" / name for name in ("cluster.sh", "slurm.sbatch", "docker_run.sh")] + [
@@ -156,10 +158,16 @@ def test_two_launchers_as_two_nodes_write_one_checkpoint(two_nodes):
     assert "step 3/3" in two_nodes["outputs"][0]
 
 
-def test_slurm_script_resumes_checkpoints_on_sigterm_and_requeues(two_nodes, tmp_path):
+@pytest.mark.parametrize("signalled", ["time limit", "preemption"])
+def test_slurm_script_resumes_checkpoints_on_sigterm_and_requeues(two_nodes, tmp_path, signalled):
+    """Time limit: --signal=B:TERM@120 sends SIGTERM to the batch shell only. Preemption: Slurm sends SIGTERM to
+    every process of the job, deepspeed's launchers included (they pass it on to their ranks and exit 1 whatever
+    the ranks did): the job is requeued either way and resumes from the newest complete checkpoint."""
     env = script_env(tmp_path, SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES=2,
                      FAKE_SLURM_HOSTS="localhost 127.0.0.1", FAKE_SLURM_LOG=tmp_path / "scontrol.log",
                      GPUS_PER_NODE=1, LOG_DIR=two_nodes["log_dir"], MASTER_PORT=free_port())
+    checkpoints = two_nodes["log_dir"] / "checkpoints"
+    before = checkpoint.step_of(checkpoint.find_latest(checkpoints))
     out = tmp_path / "slurm.out"
     proc = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), "pretrain", "--data_dir", str(two_nodes["data"]),
@@ -167,21 +175,27 @@ def test_slurm_script_resumes_checkpoints_on_sigterm_and_requeues(two_nodes, tmp
         cwd=tmp_path, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while "step 4/200" not in out.read_text():  # the first step after resuming: the handler is in place
+        first = f"step {before + 1}/200"  # the first step after resuming: the handler is in place
+        while first not in out.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-4000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch shell before the time limit
+        if signalled == "time limit":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
         stop(proc)
     text = out.read_text()
     assert code == 0, text[-4000:]
-    assert "resumed from" in text and "step_00000003" in text  # --auto_resume picked up the 2-node checkpoint
+    assert "resumed from" in text and checkpoint.step_tag(before) in text  # --auto_resume took the newest
     assert "stop requested by signal" in text
-    newest = sorted((two_nodes["log_dir"] / "checkpoints").glob("step_*"))[-1]
-    meta = json.loads((newest / "meta.json").read_text())
-    assert meta["step"] > 4 and meta["world_size"] == 2
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    newest = checkpoint.find_latest(checkpoints)
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] >= before
+    if signalled == "time limit":  # nothing kills the ranks: the stop checkpoint is written
+        assert meta["step"] > before + 1
     assert (two_nodes["log_dir"] / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
 
 
@@ -189,8 +203,10 @@ def test_cluster_script_hands_deepspeed_the_pdsh_launch(tmp_path):
     """Every check passes (ssh is a stand-in that succeeds); deepspeed's pdsh runner gets each node's command."""
     (tmp_path / "hostfile").write_text("# two nodes\nlocalhost slots=2\n\n127.0.0.1 slots=2\n")
     (tmp_path / ".deepspeed_env").write_text("HF_HOME=/shared/hf\n")  # other variables for every node
-    # DS_ACCELERATOR=cuda: as on GPU nodes, where deepspeed exports NCCL_* (its CPU backend exports none)
-    env = script_env(tmp_path, NCCL_SOCKET_IFNAME="lo", LOG_DIR=tmp_path / "run", DS_ACCELERATOR="cuda")
+    # No DS_ACCELERATOR: on this GPU-less node deepspeed would pick its CPU backend, which exports no NCCL_*;
+    # the script defaults it to cuda, so NCCL_SOCKET_IFNAME must reach the nodes' command
+    env = script_env(tmp_path, NCCL_SOCKET_IFNAME="lo", LOG_DIR=tmp_path / "run")
+    env.pop("DS_ACCELERATOR", None)
     env["PATH"] = f"{tmp_path / 'fake_bin' / 'ok_ssh'}:{env['PATH']}"
     proc = subprocess.run(
         ["bash", str(ROOT / "launch" / "cluster.sh"), str(tmp_path / "hostfile"), "pretrain", "--data_dir", "/d",
@@ -218,7 +234,7 @@ def test_docker_run_script_mounts_folders_and_publishes_tensorboard(tmp_path):
     command = " ".join(args)
     for part in ("run --rm", "--gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864",
                  f"--volume {tmp_path / 'data'}:/workspace/data --volume {tmp_path / 'runs'}:/workspace/runs",
-                 "--publish 6006:6006", "gptds ds_report"):
+                 "--publish 6006:6006", "--stop-timeout 300", "gptds ds_report"):
         assert part in command, command
 
 
@@ -307,3 +323,34 @@ def test_docker_run_script_refuses_missing_folders(missing, tmp_path):
     expected = "usage:" if missing == "arguments" else f"{env[missing]} is not a folder"
     assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
     assert not (tmp_path / "docker.args").exists()
+
+
+@pytest.mark.parametrize("own_checkpoints", [False, True])
+def test_slurm_script_starts_from_resume_path_then_continues_from_its_own(own_checkpoints, tmp_path):
+    """--resume --checkpoint_path (e.g. a universal checkpoint) is passed through to the first run; once the run
+    folder holds checkpoints of its own, a requeued job continues from those with --auto_resume instead."""
+    log_dir = tmp_path / "run"
+    if own_checkpoints:
+        step_dir = log_dir / "checkpoints" / checkpoint.step_tag(7)
+        step_dir.mkdir(parents=True)
+        checkpoint.write_meta(step_dir, {"step": 7})
+    env = script_env(tmp_path, **SLURM_ENV, LOG_DIR=log_dir, MASTER_PORT=free_port())
+    fake_deepspeed = tmp_path / "fake_bin" / "deepspeed"
+    fake_deepspeed.unlink()  # records the arguments each node's launcher got, instead of training
+    fake_deepspeed.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_ARGS_DIR/node$SLURM_NODEID"\n')
+    fake_deepspeed.chmod(0o755)
+    env["FAKE_ARGS_DIR"] = str(tmp_path)
+    proc = run_fast(["bash", str(ROOT / "launch" / "slurm.sbatch"), *SLURM_ARGS, "--resume", "--checkpoint_path",
+                     "/shared/universal", "--model", "tiny"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    for node in (0, 1):
+        args = (tmp_path / f"node{node}").read_text().splitlines()
+        gptds_args = args[args.index("gptds") + 1:]
+        if own_checkpoints:
+            assert "--auto_resume" in gptds_args and "--resume" not in gptds_args, gptds_args
+            assert "/shared/universal" not in gptds_args and "--checkpoint_path" not in gptds_args
+        else:
+            assert "--auto_resume" not in gptds_args, gptds_args
+            assert gptds_args[gptds_args.index("--resume"):][:3] == ["--resume", "--checkpoint_path",
+                                                                     "/shared/universal"]
+        assert gptds_args[-2:] == ["--model", "tiny"]
