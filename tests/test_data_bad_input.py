@@ -117,6 +117,24 @@ def test_malformed_json_array_names_the_line(tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+def test_skip_bad_skips_elements_of_a_json_array_and_a_bad_first_dolly_record(tmp_path):
+    array = tmp_path / "records.json"
+    doc = json.dumps({"text": "a document of some length " * 20})
+    array.write_text(f'[\n  {doc},\n  5,\n  {doc},\n  "x"\n]\n')
+    with pytest.raises(UserError, match=rf"^{array}:3: expected a JSON object in the array, got int \(--skip_bad"):
+        _text(tmp_path, [array])
+    manifest = load_manifest(_text(tmp_path, [array], skip_bad=True))
+    assert manifest["skipped_bad"] == 2
+    # the layout of Dolly data is told by the first good record when --skip_bad skips a bad first one
+    lines = DOLLY.read_text().splitlines()[:50]
+    dolly = _jsonl(tmp_path / "dolly.jsonl", ['{"question": "no layout"}'] + lines)
+    with pytest.raises(UserError, match=rf"^{dolly}:1: cannot tell the record layout"):
+        _dolly(tmp_path, [dolly], output_dir=str(tmp_path / "out2"))
+    manifest = load_manifest(_dolly(tmp_path, [dolly], skip_bad=True, val_fraction=0.2,
+                                    output_dir=str(tmp_path / "out2")))
+    assert manifest["skipped_bad"] == 1 and sum(manifest["records"].values()) + manifest["dropped"] == 50
+
+
 def test_parquet_without_the_column(tmp_path):
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"content": ["x"]}), table)
@@ -234,3 +252,29 @@ def test_exactly_one_source(cls):
         cls()
     with pytest.raises(UserError, match="give exactly one of --input .* and --dataset"):
         cls(input=["a.jsonl"], dataset="databricks/databricks-dolly-15k")
+
+
+def test_damaged_parquet_page_names_the_file(tmp_path):
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(5000)]}), table,
+                   compression="snappy", row_group_size=1000)
+    data = bytearray(table.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # the footer still parses; a data page does not
+    table.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"t\.parquet: cannot read the rows after row \d+ \("):
+        _text(tmp_path, [table])
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_bad_record_in_a_streamed_dataset_is_one_error(tmp_path):
+    """datasets parses a streamed dataset as it goes, so its errors arrive mid-iteration."""
+    folder = tmp_path / "local_dataset"
+    folder.mkdir()
+    lines = [json.dumps({"text": f"record {i}"}) for i in range(40)]
+    lines[30] = '{"text": "cut short'
+    _jsonl(folder / "train.jsonl", lines)
+    with pytest.raises(UserError, match=r"dataset '.*local_dataset' \[train\]: cannot read the record after row "
+                                        r"\d+ \(.*\); --skip_bad cannot skip inside the dataset's own reader"):
+        _text(tmp_path, [], input=None, dataset=str(folder), streaming=True, skip_bad=True)
+    _assert_nothing_written(tmp_path)

@@ -57,16 +57,32 @@ def test_fallback_cut_on_crlf_text_equals_whole_file(tmp_path):
     assert tokenize_pieces(pieces)[0].tolist() == encode(crlf.read_bytes().decode()) + [EOT_ID]
 
 
+def test_cjk_text_without_ascii_cut_points_streams_in_pieces_equal_to_the_whole(tmp_path):
+    cjk = tmp_path / "cjk.txt"  # lines end with "。\n": no printable ASCII byte beside any newline
+    cjk.write_text("".join(f"第{i}章。吾輩は猫である、名前はまだ無い。\n" for i in range(3000)))
+    assert find_cut(cjk.read_bytes()) == -1 and find_cut(cjk.read_bytes(), fallback=True) > 0
+    pieces = list(iter_text_file(cjk, ReadReport(), chunk_bytes=4096))
+    assert len(pieces) > 10 and max(len(text.encode()) for text, _ in pieces) <= 5 * 4096  # held: bounded
+    assert tokenize_pieces(pieces)[0].tolist() == encode(cjk.read_text()) + [EOT_ID]
+
+
 def test_every_allowed_cut_is_exact():
     """Tokenise both sides of every position either rule accepts, on text full of awkward whitespace."""
-    text = ("First Citizen:\nWe're  done,\tyou'll see.\n\n  Indented\nline 42\r\nnaïve café\nx\u00a0y\n"
-            "end.\n!?\n'tis\n  \n\nZ ").encode()
-    for fallback in (False, True):
-        for size in range(3, len(text) + 1):
-            p = find_cut(text[:size], fallback)
-            if p > 0:
-                head, tail = text[:p].decode(), text[p:].decode()
-                assert encode(head) + encode(tail) == encode(head + tail), (fallback, p, head[-5:], tail[:5])
+    ascii_text = ("First Citizen:\nWe're  done,\tyou'll see.\n\n  Indented\nline 42\r\nnaïve café\nx\u00a0y\n"
+                  "end.\n!?\n'tis\n  \n\nZ ").encode()
+    # no printable ASCII beside any newline: only the fallback's any-script rule (or none) applies
+    other_scripts = ("東京。\n大阪、\n\u3000全角\n１２\n\u3000\nは\n\u2028\nñ\n\u00a0é\n😀\n\u0301x\nщ\n\n"
+                     "ü\r\nα\u2029\nß").encode()
+    cuts = 0
+    for text in (ascii_text, other_scripts):
+        for fallback in (False, True):
+            for size in range(3, len(text) + 1):
+                p = find_cut(text[:size], fallback)
+                if p > 0:
+                    cuts += text is other_scripts
+                    head, tail = text[:p].decode(), text[p:].decode()
+                    assert encode(head) + encode(tail) == encode(head + tail), (fallback, p, head[-5:], tail[:5])
+    assert cuts > 10
 
 
 def test_prepare_text_shards_split_and_manifest(tmp_path, shakespeare_tokens):

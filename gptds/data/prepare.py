@@ -238,15 +238,15 @@ def _print_skipped(report: ReadReport) -> None:
 
 def _instruct_records(cfg: PrepareDollyConfig, files: list[Path] | None, report: ReadReport,
                       found: dict) -> Iterator[InstructRecord]:
-    """Records of the input, validated; found["layout"] is set from the first record (--format auto)."""
+    """Records of the input, validated; found["layout"] is set from the first good record (--format auto)."""
     if files is None:
         raw = iter_hub_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.streaming)
     else:
         raw = (item for path in files for item in iter_file_records(path, report))
     for fields, location in raw:
-        if found["layout"] is None:
-            found["layout"] = detect_layout(fields, location) if cfg.format == "auto" else cfg.format
         try:
+            if found["layout"] is None:  # from the first record that has one (a bad first one is skipped too)
+                found["layout"] = detect_layout(fields, location) if cfg.format == "auto" else cfg.format
             yield record_from_fields(fields, found["layout"], location)
         except UserError as e:
             report.bad(str(e))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ def iter_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]]:
             yield record, location
 
 
-def iter_json_array(path: Path) -> Iterator[tuple[dict, str]]:
+def iter_json_array(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]]:
     """A .json file holding one array of objects. The file is read into memory whole (JSON has no
     record boundaries to stream by); use JSONL or parquet for corpora larger than RAM."""
     text = _decode(path.read_bytes(), str(path), 0)
@@ -118,9 +119,10 @@ def iter_json_array(path: Path) -> Iterator[tuple[dict, str]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}") \
                 from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object in the array, got {type(record).__name__}")
-        yield record, f"{path}:{lineno}"
+        if isinstance(record, dict):
+            yield record, f"{path}:{lineno}"
+        else:
+            report.bad(f"{path}:{lineno}: expected a JSON object in the array, got {type(record).__name__}")
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -141,7 +143,14 @@ def iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[tuple
     if missing:
         raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); set --text_field")
     row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+    batches = parquet.iter_batches(batch_size=1024, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # noqa: BLE001 (a damaged page: ArrowInvalid, OSError from the codec, ...)
+            raise UserError(f"{path}: cannot read the rows after row {row} ({type(e).__name__}: {e})") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             row += 1
             yield record, f"{path}:row {row}"
@@ -152,7 +161,7 @@ def iter_file_records(path: Path, report: ReadReport, columns: list[str] | None 
     if suffix == ".jsonl":
         return iter_jsonl(path, report)
     if suffix == ".json":
-        return iter_json_array(path)
+        return iter_json_array(path, report)
     if suffix == ".parquet":
         return iter_parquet(path, columns)
     raise UserError(f"{path}: records are read from .jsonl, .json or .parquet files, not {suffix!r}")
@@ -172,7 +181,18 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
 
 def iter_hub_records(name: str, config: str | None, split: str, streaming: bool) -> Iterator[tuple[dict, str]]:
     dataset = load_hub_dataset(name, config, split, streaming)
-    for row, record in enumerate(dataset, start=1):
+    records, row = iter(dataset), 0
+    while True:
+        try:
+            record = next(records, None)
+        except Exception as e:  # noqa: BLE001 (a streamed dataset parses as it goes: ArrowInvalid, ...)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"dataset {name!r} [{split}]: cannot read the record after row {row} "
+                            f"({type(e).__name__}: {reason}); --skip_bad cannot skip inside the dataset's own "
+                            f"reader: fix the source") from None
+        if record is None:
+            return
+        row += 1
         yield record, f"dataset {name}[{split}] row {row}"
 
 
@@ -186,13 +206,20 @@ def find_cut(buf: bytes | bytearray, fallback: bool = False) -> int:
     splits "x\\ny" into "x", "\\n", "y", so no piece (and hence no BPE merge) crosses p. With
     `fallback`, used only when a long stretch has no such point (e.g. CRLF line ends), also accept
     buf[p-1] printable non-space ASCII and buf[p] an ASCII whitespace byte: a piece is either all
-    whitespace or starts with at most one space before non-space characters, so none holds both."""
+    whitespace or starts with at most one space before non-space characters, so none holds both; and a
+    "\n" between two letters, digits or punctuation marks of any script (the first rule, beyond ASCII)."""
     p = buf.rfind(b"\n", 0, len(buf) - 1) + 1  # p - 1 is a newline and buf[p] exists
     while p >= 2:
         if 0x21 <= buf[p - 2] <= 0x7E and 0x21 <= buf[p] <= 0x7E:
             return p
         p = buf.rfind(b"\n", 0, p - 1) + 1
     if fallback:
+        # "\n" between two letters, digits or punctuation of any script (CJK text ending lines with "。")
+        p = buf.rfind(b"\n", 0, len(buf) - 1) + 1
+        while p >= 2:
+            if _word_char(_char_ending_at(buf, p - 1)) and _word_char(_char_starting_at(buf, p)):
+                return p
+            p = buf.rfind(b"\n", 0, p - 1) + 1
         window = 1 << 16
         while True:  # search the tail first: the last cut is almost always near the end
             start = max(0, len(buf) - window)
@@ -208,6 +235,34 @@ def find_cut(buf: bytes | bytearray, fallback: bool = False) -> int:
 
 
 _FALLBACK_CUT = re.compile(rb"[\x21-\x7e][ \t\n\r\x0b\x0c]")
+
+
+def _char_ending_at(buf: bytes | bytearray, end: int) -> str | None:
+    """The UTF-8 character whose last byte is buf[end - 1], or None if those bytes are not one character."""
+    start = end - 1
+    while start > max(0, end - 4) and 0x80 <= buf[start] <= 0xBF:  # continuation bytes
+        start -= 1
+    try:
+        ch = bytes(buf[start:end]).decode()
+    except UnicodeDecodeError:
+        return None
+    return ch if len(ch) == 1 else None
+
+
+def _char_starting_at(buf: bytes | bytearray, start: int) -> str | None:
+    lead = buf[start]
+    size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    try:
+        ch = bytes(buf[start:start + size]).decode()
+    except UnicodeDecodeError:
+        return None
+    return ch if len(ch) == 1 else None
+
+
+def _word_char(ch: str | None) -> bool:
+    """A letter, digit or punctuation mark: never whitespace, so GPT-2's pre-tokeniser makes a lone "\n"
+    between two of them a piece of its own."""
+    return ch is not None and (0x21 <= ord(ch) <= 0x7E or (ord(ch) > 0x7F and unicodedata.category(ch)[0] in "LNP"))
 
 
 def iter_text_file(path: Path, report: ReadReport, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Piece]:
