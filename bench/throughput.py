@@ -271,7 +271,8 @@ def finish(live: Live, args, info, model_config: GPTConfig) -> dict:
     n = len(live.step_times)
     # a step lasts as long as its slowest rank: per step, the max over ranks
     step_times = [max(r["step_times"][k] for r in per_rank) for k in range(n)]
-    keep = [k for k in range(n) if not live.foreign or live.foreign[k] <= args.max_foreign_load] or list(range(n))
+    clean = [k for k in range(n) if not live.foreign or live.foreign[k] <= args.max_foreign_load]
+    keep = clean if len(clean) >= args.steps else list(range(n))  # too few uncontended steps: all count
     phase_ms = {phase: 1000 * statistics.median(statistics.mean(r["phases"][k][phase] for r in per_rank)
                                                 for k in keep)
                 for phase in (per_rank[0]["phases"][0] if per_rank[0]["phases"] else {})}
