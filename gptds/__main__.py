@@ -12,16 +12,12 @@ import sys
 from gptds.errors import UserError
 
 
-def _prepare_text(args):
-    from gptds.config import from_flags
-    from gptds.data.prepare import PrepareTextConfig, prepare_text
-    prepare_text(from_flags(PrepareTextConfig, args))
-
-
-def _prepare_dolly(args):
-    from gptds.config import from_flags
-    from gptds.data.prepare import PrepareDollyConfig, prepare_dolly
-    prepare_dolly(from_flags(PrepareDollyConfig, args))
+def _typed_command(subparsers, name: str, help_text: str, cls, run) -> None:
+    """Subcommand `name` whose flags are the fields of dataclass `cls`; run(settings) does the work."""
+    from gptds.config import add_flags, from_flags
+    p = subparsers.add_parser(name, help=help_text)
+    add_flags(p, cls)
+    p.set_defaults(func=lambda args: run(from_flags(cls, args)))
 
 
 def _train(job):
@@ -35,43 +31,26 @@ def _train(job):
 def _stdout_is_data(fn):
     """For commands whose stdout is their result: library chatter (DeepSpeed logs to stdout) goes to
     stderr while fn runs, and only the returned text reaches stdout."""
-    def run(args):
+    def run(settings):
         with contextlib.redirect_stdout(sys.stderr):
-            out = fn(args)
+            out = fn(settings)
         print(out)
     return run
 
 
-@_stdout_is_data
-def _generate(args):
-    from gptds.config import from_flags
-    from gptds.generate import GenerateConfig, generate_from_checkpoint
-    cfg = from_flags(GenerateConfig, args)
-    return cfg.prompt + generate_from_checkpoint(cfg)
-
-
-@_stdout_is_data
-def _evaluate(args):
-    from gptds.config import from_flags
-    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
-    return json.dumps(evaluate_checkpoint(from_flags(EvaluateConfig, args)))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from gptds.config import add_flags, add_run_flags
+    from gptds.config import add_run_flags
     parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
                                      "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
     prepare_sub = prepare.add_subparsers(dest="kind", required=True)
-    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig
-    p = prepare_sub.add_parser("text", help="text files, JSONL/JSON, parquet or a Hugging Face dataset")
-    add_flags(p, PrepareTextConfig)
-    p.set_defaults(func=_prepare_text)
-    p = prepare_sub.add_parser("dolly", help="databricks-dolly-15k (or Alpaca-layout) instruction records")
-    add_flags(p, PrepareDollyConfig)
-    p.set_defaults(func=_prepare_dolly)
+    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
+    _typed_command(prepare_sub, "text", "text files, JSONL/JSON, parquet or a Hugging Face dataset",
+                   PrepareTextConfig, prepare_text)
+    _typed_command(prepare_sub, "dolly", "databricks-dolly-15k (or Alpaca-layout) instruction records",
+                   PrepareDollyConfig, prepare_dolly)
 
     for job, help_text in (("pretrain", "pretrain on token shards"),
                            ("finetune", "instruction-tune on prepared Dolly data")):
@@ -80,14 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
         p.set_defaults(func=_train(job))
 
-    from gptds.evaluate import EvaluateConfig
-    from gptds.generate import GenerateConfig
-    p = sub.add_parser("generate", help="continue a prompt with a model")
-    add_flags(p, GenerateConfig)
-    p.set_defaults(func=_generate)
-    p = sub.add_parser("evaluate", help="HellaSwag accuracy (and validation loss) of a model, as JSON")
-    add_flags(p, EvaluateConfig)
-    p.set_defaults(func=_evaluate)
+    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
+    from gptds.generate import GenerateConfig, generate_from_checkpoint
+    _typed_command(sub, "generate", "continue a prompt with a model", GenerateConfig,
+                   _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
+    _typed_command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
+                   _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 
     from gptds.convert import add_convert_parser
     add_convert_parser(sub)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,18 +142,10 @@ def iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[tuple
     missing = [c for c in columns or [] if c not in names]
     if missing:
         raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)}); set --text_field")
-    row = 0
-    batches = parquet.iter_batches(batch_size=1024, columns=columns)
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as e:  # noqa: BLE001 (a damaged page: ArrowInvalid, OSError from the codec, ...)
-            raise UserError(f"{path}: cannot read the rows after row {row} ({type(e).__name__}: {e})") from None
-        if batch is None:
-            return
-        for record in batch.to_pylist():
-            row += 1
-            yield record, f"{path}:row {row}"
+    rows = (record for batch in parquet.iter_batches(batch_size=1024, columns=columns) for record in batch.to_pylist())
+    for row, record in _read_or_refuse(rows, lambda done, why: f"{path}: cannot read the rows after row {done} "
+                                       f"({why})"):  # a damaged page fails in the iteration
+        yield record, f"{path}:row {row}"
 
 
 def iter_file_records(path: Path, report: ReadReport, columns: list[str] | None = None) -> Iterator[tuple[dict, str]]:
@@ -174,26 +166,35 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 (datasets raises ConnectionError, FileNotFoundError, ValueError, ...)
-        reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"cannot load dataset {name!r} (--dataset_config {config!r}, --dataset_split {split!r}): "
-                        f"{type(e).__name__}: {reason}") from None
+                        f"{_error_line(e)}") from None
 
 
 def iter_hub_records(name: str, config: str | None, split: str, streaming: bool) -> Iterator[tuple[dict, str]]:
-    dataset = load_hub_dataset(name, config, split, streaming)
-    records, row = iter(dataset), 0
+    dataset = load_hub_dataset(name, config, split, streaming)  # a streamed one parses as it is iterated
+    for row, record in _read_or_refuse(dataset, lambda done, why: f"dataset {name!r} [{split}]: cannot read the "
+                                       f"record after row {done} ({why}); --skip_bad cannot skip inside the "
+                                       f"dataset's own reader: fix the source"):
+        yield record, f"dataset {name}[{split}] row {row}"
+
+
+def _read_or_refuse(items: Iterable, message: Callable[[int, str], str]) -> Iterator[tuple[int, object]]:
+    """(1-based count, item) for items, where an error raised by the reader underneath (pyarrow, datasets)
+    becomes a UserError: message(items read so far, "<error type>: <its first line>")."""
+    items, done = iter(items), 0
     while True:
         try:
-            record = next(records, None)
-        except Exception as e:  # noqa: BLE001 (a streamed dataset parses as it goes: ArrowInvalid, ...)
-            reason = (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"dataset {name!r} [{split}]: cannot read the record after row {row} "
-                            f"({type(e).__name__}: {reason}); --skip_bad cannot skip inside the dataset's own "
-                            f"reader: fix the source") from None
-        if record is None:
+            item = next(items)
+        except StopIteration:
             return
-        row += 1
-        yield record, f"dataset {name}[{split}] row {row}"
+        except Exception as e:  # noqa: BLE001 (ArrowInvalid, OSError from a codec, JSON parse errors, ...)
+            raise UserError(message(done, _error_line(e))) from None
+        done += 1
+        yield done, item
+
+
+def _error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 # ---------------------------------------------------------------- text documents
@@ -208,33 +209,38 @@ def find_cut(buf: bytes | bytearray, fallback: bool = False) -> int:
     buf[p-1] printable non-space ASCII and buf[p] an ASCII whitespace byte: a piece is either all
     whitespace or starts with at most one space before non-space characters, so none holds both; and a
     "\n" between two letters, digits or punctuation marks of any script (the first rule, beyond ASCII)."""
-    p = buf.rfind(b"\n", 0, len(buf) - 1) + 1  # p - 1 is a newline and buf[p] exists
-    while p >= 2:
-        if 0x21 <= buf[p - 2] <= 0x7E and 0x21 <= buf[p] <= 0x7E:
-            return p
-        p = buf.rfind(b"\n", 0, p - 1) + 1
-    if fallback:
-        # "\n" between two letters, digits or punctuation of any script (CJK text ending lines with "。")
-        p = buf.rfind(b"\n", 0, len(buf) - 1) + 1
-        while p >= 2:
-            if _word_char(_char_ending_at(buf, p - 1)) and _word_char(_char_starting_at(buf, p)):
-                return p
-            p = buf.rfind(b"\n", 0, p - 1) + 1
-        window = 1 << 16
-        while True:  # search the tail first: the last cut is almost always near the end
-            start = max(0, len(buf) - window)
-            last = -1
-            for match in _FALLBACK_CUT.finditer(buf, start):
-                last = match.start()
-            if last >= 0:
-                return last + 1
-            if start == 0:
-                break
-            window *= 4
-    return -1
+    p = _last_newline_cut(buf, lambda p: 0x21 <= buf[p - 2] <= 0x7E and 0x21 <= buf[p] <= 0x7E)
+    if p > 0 or not fallback:
+        return p
+    # "\n" between two letters, digits or punctuation of any script (CJK text ending lines with "。")
+    p = _last_newline_cut(buf, lambda p: _word_char(_char_ending_at(buf, p - 1)) and
+                          _word_char(_char_starting_at(buf, p)))
+    if p > 0:
+        return p
+    window = 1 << 16
+    while True:  # search the tail first: the last cut is almost always near the end
+        start = max(0, len(buf) - window)
+        last = -1
+        for match in _FALLBACK_CUT.finditer(buf, start):
+            last = match.start()
+        if last >= 0:
+            return last + 1
+        if start == 0:
+            return -1
+        window *= 4
 
 
 _FALLBACK_CUT = re.compile(rb"[\x21-\x7e][ \t\n\r\x0b\x0c]")
+
+
+def _last_newline_cut(buf: bytes | bytearray, allowed: Callable[[int], bool]) -> int:
+    """The last p >= 2 with buf[p - 1] a newline, buf[p] present and allowed(p); -1 if none."""
+    p = buf.rfind(b"\n", 0, len(buf) - 1) + 1
+    while p >= 2:
+        if allowed(p):
+            return p
+        p = buf.rfind(b"\n", 0, p - 1) + 1
+    return -1
 
 
 def _char_ending_at(buf: bytes | bytearray, end: int) -> str | None:
