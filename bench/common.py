@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gptds import engine
+from gptds.config import Batch, resolve_ds_config_path
 from gptds.metrics import PEAK_FLOPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def venv_env() -> dict:
 def ds_config_variant(name: str, dtype: str, out_dir: Path, zero_overrides: dict | None = None) -> Path:
     """A copy of ds_configs/<name>.json in out_dir with the precision block for dtype ('fp32' drops bf16/fp16,
     'bf16' enables bf16) and zero_optimization keys overridden; the repository's files are left alone."""
-    config = json.loads(engine.resolve_ds_config_path(name).read_text())
+    config = json.loads(resolve_ds_config_path(name).read_text())
     config.pop("bf16", None)
     config.pop("fp16", None)
     if dtype == "bf16":
@@ -113,6 +114,13 @@ def ds_config_variant(name: str, dtype: str, out_dir: Path, zero_overrides: dict
     path = out_dir / f"{name}-{dtype}{re.sub(r'[^A-Za-z0-9_.=-]', '', suffix)}.json"
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def ds_config_for(path: Path, micro_batch_size: int, world_size: int, optimizer: str, grad_clip: float = 1.0) -> dict:
+    """The config gptds would initialise DeepSpeed with for this batch (no gradient accumulation)."""
+    owned = Batch(micro_batch_size, 1, world_size, 1).ds_values(grad_clip)
+    return engine.complete_ds_config(path, engine.read_ds_config(path), owned,
+                                     untested_optimizer=optimizer == "adamw8bit")
 
 
 # ---------------------------------------------------------------- peak memory

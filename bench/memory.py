@@ -60,8 +60,7 @@ def _engine_for(model_config: GPTConfig, config_name: str, optimizer: str, args,
         model = GPT(model_config)
     model.activation_checkpointing = activation_checkpointing
     path = common.ds_config_variant(config_name, args.dtype, config_dir)
-    ds_config = engine.load_ds_config(path, micro_batch_size=args.batch_size, grad_accum_steps=1,
-                                      world_size=info.world_size, grad_clip=1.0, optimizer=optimizer)
+    ds_config = common.ds_config_for(path, args.batch_size, info.world_size, optimizer)
     opt = engine.build_optimizer(model, optimizer, 1e-3, 0.1, ds_config)
     return engine.initialize(model, opt, ds_config)
 

@@ -120,9 +120,8 @@ def deepspeed_step_fn(setting: Setting, model: GPT, args, info, clock: PhaseCloc
     """gptds: the ds_configs file of the stage (precision set by --dtype, --zero_overrides applied), the
     optimizer gptds.engine builds, deepspeed.initialize through gptds.engine."""
     path = common.ds_config_variant(DS_CONFIG_OF_STAGE[setting.stage], args.dtype, config_dir, args.zero_overrides)
-    ds_config = engine.load_ds_config(path, micro_batch_size=args.batch_size, grad_accum_steps=1,
-                                      world_size=info.world_size, grad_clip=TRAIN_DEFAULTS.grad_clip,
-                                      optimizer=setting.optimizer)
+    ds_config = common.ds_config_for(path, args.batch_size, info.world_size, setting.optimizer,
+                                     TRAIN_DEFAULTS.grad_clip)
     optimizer = engine.build_optimizer(model, setting.optimizer, TRAIN_DEFAULTS.lr, TRAIN_DEFAULTS.weight_decay,
                                        ds_config)
     eng = engine.initialize(model, optimizer, ds_config)

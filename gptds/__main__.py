@@ -1,6 +1,7 @@
-"""The `gptds` command line: subcommands only, each a few lines handing typed settings to the module
-that does the work. User mistakes (UserError) print one line and exit 2, without a traceback; so do
-errors of the machine (OSError: disk full, no permission), with exit status 1."""
+"""The `gptds` command line: subcommands only, each a typed settings dataclass whose fields are its flags
+(config.add_flags) handed to the function that does the work. User mistakes (UserError) print one line
+and exit 2, without a traceback; so do errors of the machine (OSError: disk full, no permission), with
+exit status 1."""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ import contextlib
 import json
 import sys
 
+from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
 from gptds.errors import UserError
 
 
-def _typed_command(subparsers, name: str, help_text: str, cls, run) -> None:
+def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.ArgumentParser:
     """Subcommand `name` whose flags are the fields of dataclass `cls`; run(settings) does the work."""
-    from gptds.config import add_flags, from_flags
-    p = subparsers.add_parser(name, help=help_text)
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
     add_flags(p, cls)
     p.set_defaults(func=lambda args: run(from_flags(cls, args)))
+    return p
 
 
-def _train(job):
+def _train(job: str):
     def run(args):
-        from gptds.config import run_config_from_flags
-        from gptds.train import train
+        from gptds.train import train  # imports DeepSpeed: only for the commands that train
         train(run_config_from_flags(job, args))
     return run
 
@@ -38,36 +39,46 @@ def _stdout_is_data(fn):
     return run
 
 
+def _local_rank(parser: argparse.ArgumentParser) -> None:
+    """`deepspeed` (without --no_local_rank) and torch.distributed.launch pass --local_rank=N, before the
+    subcommand or after it; the rank's device comes from the LOCAL_RANK environment variable either way."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from gptds.config import add_run_flags
+    from gptds.convert import CONVERSIONS
+    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
+    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
+    from gptds.generate import GenerateConfig, generate_from_checkpoint
+
     parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
                                      "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
+    _local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
-    prepare_sub = prepare.add_subparsers(dest="kind", required=True)
-    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
-    _typed_command(prepare_sub, "text", "text files, JSONL/JSON, parquet or a Hugging Face dataset",
-                   PrepareTextConfig, prepare_text)
-    _typed_command(prepare_sub, "dolly", "databricks-dolly-15k (or Alpaca-layout) instruction records",
-                   PrepareDollyConfig, prepare_dolly)
+    kinds = prepare.add_subparsers(dest="kind", required=True)
+    _command(kinds, "text", "text files, JSONL/JSON, parquet or a Hugging Face dataset", PrepareTextConfig,
+             prepare_text)
+    _command(kinds, "dolly", "databricks-dolly-15k (or Alpaca-layout) instruction records", PrepareDollyConfig,
+             prepare_dolly)
 
     for job, help_text in (("pretrain", "pretrain on token shards"),
                            ("finetune", "instruction-tune on prepared Dolly data")):
-        p = sub.add_parser(job, help=help_text)
+        p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
-        p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+        _local_rank(p)
         p.set_defaults(func=_train(job))
 
-    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
-    from gptds.generate import GenerateConfig, generate_from_checkpoint
-    _typed_command(sub, "generate", "continue a prompt with a model", GenerateConfig,
-                   _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
-    _typed_command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
-                   _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
+    _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
+             _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
+    _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
+             _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 
-    from gptds.convert import add_convert_parser
-    add_convert_parser(sub)
+    convert = sub.add_parser("convert", help="ZeRO checkpoints to consolidated / Hugging Face / universal form")
+    conversions = convert.add_subparsers(dest="conversion", required=True)
+    for name, (help_text, cls, run) in CONVERSIONS.items():
+        _command(conversions, name, help_text, cls, run)
     return parser
 
 

@@ -1,26 +1,42 @@
 """Typed run settings: one dataclass per concern (data, training, checkpointing; the architecture's
-GPTConfig lives in model.py), each validated in __post_init__. Command-line flags are generated from
-the fields, so a flag, its field, its log name and its TensorBoard tag are the same word; values flow
-one way, from the command line into these objects, and nothing re-reads the environment later."""
+GPTConfig lives in model.py), each validated in __post_init__, and the batch arithmetic, computed once
+(Batch). Command-line flags are generated from the fields, so a flag, its field, its log name and its
+TensorBoard tag are the same word; values flow one way, from the command line into these objects, and
+nothing re-reads the environment later.
+
+The rule for ds_configs/*.json: the JSON decides where state lives and in what precision (ZeRO stage,
+offload, bf16/fp16, communication buckets). The run owns the batch, the optimizer and the schedule:
+`train_micro_batch_size_per_gpu` (--micro_batch_size), `gradient_accumulation_steps` (--grad_accum_steps),
+`train_batch_size` (their product times world size), `gradient_clipping` (--grad_clip) and
+`zero_allow_untested_optimizer` (set for AdamW8bit). In the JSON those keys are absent, "auto", or
+equal to the run's value; `optimizer` and `scheduler` blocks are refused (gptds builds both)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from gptds.errors import UserError
 from gptds.model import PRESETS
 
 OPTIMIZERS = ("adamw8bit", "adamw")
+DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+INSTALLED_DS_CONFIGS_DIR = Path(sys.prefix) / "share" / "gptds" / "ds_configs"
 
 
-def flag(default, help: str, short: str | None = None, choices=None, required: bool = False):
-    """A dataclass field that is also a command-line flag --<name> (and `short`, e.g. -B)."""
-    return field(default=default, metadata=dict(help=help, short=short, choices=choices, required=required))
+def flag(default, help: str, short: str | None = None, choices=None, required: bool = False,
+         aliases: tuple[str, ...] = (), positional: bool = False):
+    """A dataclass field that is also a command-line flag --<name> (and `short`, e.g. -B, and `aliases`),
+    or with positional=True an argument given by position."""
+    return field(default=default, metadata=dict(help=help, short=short, choices=choices, required=required,
+                                                aliases=aliases, positional=positional))
 
 
 def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
@@ -32,7 +48,7 @@ def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
 class DataConfig:
     data_dir: str | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`); "
                                       "omitted: the bundled demo data, prepared into <log_dir>/data")
-    batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B")
+    micro_batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B", aliases=("--batch_size",))
     context_length: int = flag(128, "tokens per sequence", short="-T")
     eval_batches: int = flag(8, "validation batches per rank at each evaluation")
     hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled "
@@ -40,7 +56,7 @@ class DataConfig:
     hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)")
 
     def __post_init__(self):
-        for name in ("batch_size", "context_length", "eval_batches"):
+        for name in ("micro_batch_size", "context_length", "eval_batches"):
             value = getattr(self, name)
             require(value > 0, "data", name, value, "a positive integer")
         require(self.hellaswag_limit >= 0, "data", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
@@ -121,6 +137,72 @@ class CheckpointConfig:
             raise UserError("--resume and --auto_resume are exclusive: pick the explicit path or the newest checkpoint")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """The batch arithmetic, once, with one name per quantity (as in logs and checkpoints)."""
+    micro_batch_size: int   # sequences per rank per forward/backward
+    grad_accum_steps: int   # micro batches per optimizer step
+    world_size: int         # ranks
+    context_length: int     # tokens per sequence
+
+    @property
+    def sequences_per_micro_step(self) -> int:
+        """Sequences all ranks consume in one micro step (what a data loader's global position advances by)."""
+        return self.micro_batch_size * self.world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step, over all ranks."""
+        return self.sequences_per_micro_step * self.grad_accum_steps
+
+    @property
+    def global_batch_tokens(self) -> int:
+        """Tokens per optimizer step, over all ranks."""
+        return self.global_batch_size * self.context_length
+
+    def ds_values(self, grad_clip: float) -> dict:
+        """The DeepSpeed JSON keys the run owns (engine.OWNED_KEYS), with this run's values."""
+        return {"train_micro_batch_size_per_gpu": self.micro_batch_size,
+                "gradient_accumulation_steps": self.grad_accum_steps,
+                "train_batch_size": self.global_batch_size, "gradient_clipping": grad_clip}
+
+
+# The flag that owns each DeepSpeed JSON key of Batch.ds_values (train_batch_size: their product).
+DS_KEY_FLAGS = {"train_micro_batch_size_per_gpu": "--micro_batch_size", "gradient_accumulation_steps":
+                "--grad_accum_steps", "gradient_clipping": "--grad_clip"}
+
+
+def ds_conflict_message(path: Path, key: str, given, wanted, batch: Batch) -> str:
+    """A DeepSpeed JSON value that disagrees with the run's, phrased with the flags that own it."""
+    if key == "train_batch_size":
+        return (f"{path}: train_batch_size = {given!r}, but batch arithmetic gives micro batch "
+                f"{batch.micro_batch_size} x grad accumulation {batch.grad_accum_steps} x world size "
+                f"{batch.world_size} = {wanted}; set \"train_batch_size\": \"auto\" or choose "
+                f"--micro_batch_size/--grad_accum_steps whose product with the world size is {given}")
+    return (f"{path}: {key} = {given!r} conflicts with {DS_KEY_FLAGS[key]} {wanted}; set \"{key}\": \"auto\" "
+            f"(the run owns it) or pass {DS_KEY_FLAGS[key]} {given}")
+
+
+def default_ds_config_name() -> str:
+    # bf16 is the default precision, but CPUs without bf16 units run it ~80x slower than fp32.
+    return "zero2" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "zero2_fp32"
+
+
+def resolve_ds_config_path(name_or_path: str | None) -> Path:
+    """--deepspeed_config: a path to a JSON file, or the name of one in ds_configs/ ("zero2" or
+    "zero2.json"); None: the default for this machine."""
+    path = Path(name_or_path or default_ds_config_name())
+    if path.is_file():
+        return path
+    for folder in (DS_CONFIGS_DIR, INSTALLED_DS_CONFIGS_DIR):
+        candidate = folder / (path.name if path.suffix == ".json" else f"{path.name}.json")
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")) if DS_CONFIGS_DIR.is_dir() else []
+    raise UserError(f"--deepspeed_config {name_or_path!r}: no such file, nor a name in ds_configs/ "
+                    f"({', '.join(names)})")
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs; built once from the command line."""
@@ -132,6 +214,9 @@ class RunConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.checkpoint_dir or Path(self.train.log_dir) / "checkpoints")
+
+    def batch(self, world_size: int) -> Batch:
+        return Batch(self.data.micro_batch_size, self.train.grad_accum_steps, world_size, self.data.context_length)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,26 +242,32 @@ def _field_type(cls, f: dataclasses.Field):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
-    """One flag per field of dataclass `cls`: --<field> (bools take --<field> / --no-<field>)."""
+    """One flag per field of dataclass `cls`: --<field> (bools take --<field> / --no-<field>); a field
+    marked positional is an argument given by position."""
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
+        meta = f.metadata
         default = (defaults or {}).get(f.name, f.default)
-        names = [f"--{f.name}"] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         tp = _field_type(cls, f)
-        required = f.metadata.get("required", False)
-        help_text = f.metadata["help"] + ("" if required else f" (default: {default})")
+        if meta.get("positional"):
+            group.add_argument(f.name, type=tp, help=meta["help"], metavar=f.name.upper())
+            continue
+        names = [f"--{f.name}", *meta.get("aliases", ())] + ([meta["short"]] if meta.get("short") else [])
+        required = meta.get("required", False)
+        help_text = meta["help"] + ("" if required else f" (default: {default})")
         if tp is bool:
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
         elif typing.get_origin(tp) is list:
             (item_type,) = typing.get_args(tp)
-            group.add_argument(*names, type=item_type, nargs="+", default=default, help=help_text,
+            group.add_argument(*names, dest=f.name, type=item_type, nargs="+", default=default, help=help_text,
                                metavar=f.name.upper())
         else:
-            group.add_argument(*names, type=tp, default=default, choices=f.metadata.get("choices"),
+            group.add_argument(*names, dest=f.name, type=tp, default=default, choices=meta.get("choices"),
                                required=required, help=help_text,
-                               metavar=f.name.upper() if not f.metadata.get("choices") else None)
+                               metavar=f.name.upper() if not meta.get("choices") else None)
 
 
 def from_flags(cls, args: argparse.Namespace):

@@ -1,6 +1,12 @@
-"""Ranks made explicit: who we are (rank, local_rank, world_size, device), read once from the
-launcher's environment; printing from rank 0; small collective helpers. torch.distributed only:
-DeepSpeed adopts the process group created here."""
+"""Ranks made explicit: who we are (rank, local_rank, world_size, device), read once from the launcher's
+environment; printing from rank 0; and the collectives gptds uses, which are the only calls into
+torch.distributed in gptds (DeepSpeed adopts the process group created here and runs its own).
+
+Every tensor these helpers hand to a collective is on the rank's device (`info().device`): NCCL, the
+backend on CUDA, refuses CPU tensors ("No backend type associated with device type cpu"), and gloo on a
+CPU machine would hide the mistake, so the rule is kept here, in one place, and callers may pass tensors
+from anywhere. GPTDS_DIST_BACKEND overrides the backend, e.g. "cuda:gloo" (two ranks on one GPU, a group
+that, like NCCL, accepts CUDA tensors only: bench/gpu_check.sh uses it)."""
 
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ def init_distributed() -> DistInfo:
     local_rank = int(env.get("LOCAL_RANK", 0))
     local_world_size = int(env.get("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", world_size)))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())  # more ranks than GPUs: shared
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -60,6 +66,7 @@ def init_distributed() -> DistInfo:
         backend = "gloo"
         # Ranks on one host share its cores; oversubscribed BLAS threads make every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+    backend = env.get("GPTDS_DIST_BACKEND") or backend
     if not torch_dist.is_initialized():
         # A rank that never arrives (a node missing) fails the rendezvous and later collectives after this
         # long, instead of gloo's default 30 minutes; it must exceed the longest wait on rank 0 (a save).
@@ -79,35 +86,28 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def _distributed() -> bool:
+    return torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    """The sum of t over ranks, on the rank's device (t itself when it already lives there)."""
+    t = t.to(info().device) if _info is not None else t
+    if _distributed():
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_object(obj) -> list:
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+    """Every rank's obj (picklable), in rank order. torch moves the pickled bytes through the current
+    device (set in init_distributed), as NCCL needs."""
+    if not _distributed():
         return [obj]
     out = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def destroy() -> None:
-    global _info
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-    _info = None

@@ -1,48 +1,75 @@
-"""Everything DeepSpeed, in one place: reading a ds_configs JSON and filling in the values the CLI
-owns, building the optimizer (bitsandbytes AdamW8bit, torch AdamW, or DeepSpeedCPUAdam under
-offload), deepspeed.initialize, and saving/loading engine checkpoints.
-
-The rule for ds_configs/*.json: the JSON decides where state lives and in what precision (ZeRO stage,
-offload, bf16/fp16, communication buckets). The CLI owns the batch, the optimizer and the schedule:
-`train_micro_batch_size_per_gpu` (--batch_size), `gradient_accumulation_steps` (--grad_accum_steps),
-`train_batch_size` (their product times world size), `gradient_clipping` (--grad_clip) and
-`zero_allow_untested_optimizer` (set for AdamW8bit). In the JSON those keys are absent, "auto", or
-equal to what the CLI computes; `optimizer` and `scheduler` blocks are refused (gptds builds both)."""
+"""Everything DeepSpeed, in one place: reading a ds_configs JSON and filling in the values the run owns,
+building the optimizer (bitsandbytes AdamW8bit, torch AdamW, or DeepSpeedCPUAdam under offload),
+deepspeed.initialize, one optimizer step through the engine, saving and loading engine state, and reading
+ZeRO checkpoint files (for weights.py) or converting them to DeepSpeed's universal format. It takes plain
+values, never command-line flags. Where DeepSpeed's internals must be patched, deepspeed_workarounds.py
+does it; this module and that one are the only ones that import deepspeed."""
 
 from __future__ import annotations
 
+import pickle
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from gptds import deepspeed_workarounds as workarounds
 from gptds.errors import UserError, read_json_object
 
-DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-INSTALLED_DS_CONFIGS_DIR = Path(sys.prefix) / "share" / "gptds" / "ds_configs"
-CLI_OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                  "gradient_clipping", "zero_allow_untested_optimizer")
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
+# The keys of a DeepSpeed JSON whose values the run decides (config.py says which flag owns each): in the
+# JSON they are absent, "auto", or equal to the run's value.
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+              "gradient_clipping")
 
 
-def resolve_ds_config_path(name_or_path: str) -> Path:
-    """A path to a JSON file, or the name of one in ds_configs/ ("zero2" or "zero2.json")."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for folder in (DS_CONFIGS_DIR, INSTALLED_DS_CONFIGS_DIR):
-        candidate = folder / (path.name if path.suffix == ".json" else f"{path.name}.json")
-        if candidate.is_file():
-            return candidate
-    names = sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")) if DS_CONFIGS_DIR.is_dir() else []
-    raise UserError(f"--deepspeed_config {name_or_path!r}: no such file, nor a name in ds_configs/ "
-                    f"({', '.join(names)})")
+# ---------------------------------------------------------------- the JSON
+
+def read_ds_config(path: Path) -> dict:
+    """A DeepSpeed JSON config, with the structure gptds relies on checked (UserError naming the file)."""
+    config = read_json_object(path, "a DeepSpeed JSON config")
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise UserError(f"{path}: remove the \"{key}\" block: gptds builds the optimizer and the lr schedule "
+                            f"from --optimizer/--lr/--min_lr/--warmup_steps (see the rule in gptds/config.py)")
+    if not isinstance(config.get("zero_optimization", {}), dict):
+        raise UserError(f"{path}: \"zero_optimization\" must be an object")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise UserError(f"{path}: zero_optimization.stage = {stage!r}; allowed: 0, 1, 2, 3")
+    for key in ("bf16", "fp16"):
+        if not isinstance(config.get(key, {}), dict):
+            raise UserError(f"{path}: \"{key}\" must be an object like {{\"enabled\": true}}")
+    if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
+        raise UserError(f"{path}: bf16 and fp16 are both enabled; enable one of them")
+    return config
 
 
-def default_ds_config_name() -> str:
-    # bf16 is the default precision, but CPUs without bf16 units run it ~80x slower than fp32.
-    return "zero2" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "zero2_fp32"
+def owned_conflicts(config: dict, owned: dict) -> list[tuple[str, object, object]]:
+    """(key, value in the JSON, the run's value) for each owned key the JSON sets to something else."""
+    return [(key, config[key], value) for key, value in owned.items()
+            if config.get(key, "auto") not in ("auto", value)]
+
+
+def complete_ds_config(path: Path, config: dict, owned: dict, untested_optimizer: bool) -> dict:
+    """The config DeepSpeed is initialised with: the owned values filled in, DeepSpeed's own validation of
+    every key and a refusal of unknown top-level keys (UserError naming the file)."""
+    config = {**config, **owned}
+    config["zero_allow_untested_optimizer"] = untested_optimizer  # bitsandbytes is not on ZeRO's list
+    config.setdefault("steps_per_print", 10**9)  # gptds does its own logging
+    # ...and measures its own throughput: DeepSpeed's throughput timer synchronises the device at every
+    # forward and step (timers.throughput.synchronized), a host sync per micro-batch.
+    config.setdefault("timers", {"throughput": {"enabled": False}})
+    unknown, rejected = workarounds.unknown_top_level_keys({k: v for k, v in config.items()
+                                                              if k != "train_batch_size"})
+    if rejected:
+        raise UserError(f"{path}: DeepSpeed rejects this config: {rejected}")
+    if unknown:
+        raise UserError(f"{path}: unknown top-level key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: DeepSpeed "
+                        f"would ignore {'them' if len(unknown) > 1 else 'it'}; fix or remove")
+    return config
 
 
 def precision(ds_config: dict) -> str:
@@ -61,56 +88,6 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return device not in (None, "none")
 
 
-def load_ds_config(path: Path, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-                   grad_clip: float, optimizer: str) -> dict:
-    """Read the JSON, check it against the CLI's values and the batch arithmetic, and fill them in.
-    Everything is checked here, before any model is built or any data is read."""
-    config = read_json_object(path, "a DeepSpeed JSON config")
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise UserError(f"{path}: remove the \"{key}\" block: gptds builds the optimizer and the lr schedule "
-                            f"from --optimizer/--lr/--min_lr/--warmup_steps (see the rule in gptds/engine.py)")
-    if not isinstance(config.get("zero_optimization", {}), dict):
-        raise UserError(f"{path}: \"zero_optimization\" must be an object")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"{path}: zero_optimization.stage = {stage!r}; allowed: 0, 1, 2, 3")
-    for key in ("bf16", "fp16"):
-        if not isinstance(config.get(key, {}), dict):
-            raise UserError(f"{path}: \"{key}\" must be an object like {{\"enabled\": true}}")
-    if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
-        raise UserError(f"{path}: bf16 and fp16 are both enabled; enable one of them")
-    wanted = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-        "gradient_clipping": grad_clip,
-    }
-    flag_of = {"train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--grad_accum_steps",
-               "gradient_clipping": "--grad_clip"}
-    for key, value in wanted.items():
-        given = config.get(key, "auto")
-        if given == "auto" or given == value:
-            continue
-        if key == "train_batch_size":
-            raise UserError(
-                f"{path}: train_batch_size = {given!r}, but batch arithmetic gives micro batch {micro_batch_size} "
-                f"x grad accumulation {grad_accum_steps} x world size {world_size} = {value}; set "
-                f"\"train_batch_size\": \"auto\" or choose --batch_size/--grad_accum_steps whose product with the "
-                f"world size is {given}")
-        raise UserError(f"{path}: {key} = {given!r} conflicts with {flag_of[key]} {value}; set \"{key}\": \"auto\" "
-                        f"(the CLI owns it) or pass {flag_of[key]} {given}")
-    if optimizer == "adamw8bit" and offloads_optimizer(config):
-        raise UserError(f"{path} offloads the optimizer to CPU, where DeepSpeed steps it with DeepSpeedCPUAdam; "
-                        f"bitsandbytes' 8-bit AdamW keeps its state beside the parameters and cannot be offloaded. "
-                        f"Use --optimizer adamw with this config, or a config without offload_optimizer")
-    config.update(wanted)
-    config["zero_allow_untested_optimizer"] = optimizer == "adamw8bit"  # bitsandbytes is not on ZeRO's list
-    config.setdefault("steps_per_print", 10**9)  # gptds does its own logging
-    _check_schema(path, {k: v for k, v in config.items() if k != "train_batch_size"})
-    return config
-
-
 def check_precision_supported(path: Path, ds_config: dict) -> None:
     """Refuse, before any work, a precision this machine's accelerator cannot train in (fp16 on CPU)."""
     from deepspeed.accelerator import get_accelerator
@@ -123,52 +100,12 @@ def check_precision_supported(path: Path, ds_config: dict) -> None:
                         f"(e.g. ds_configs/zero2_fp32.json)")
 
 
-def _check_schema(path: Path, config: dict) -> None:
-    """DeepSpeed's own validation of every key (wrong types, unknown keys inside its typed sections),
-    reported as one line; plus unknown top-level keys, which DeepSpeed ignores (a typo such as
-    "zero_optimisation" would silently train without ZeRO): a key is known when DeepSpeed's config
-    reader looks it up, or when DeepSpeed names it among its config constants."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    class LookupsRecorded(dict):
-        looked_up: set = set()
-
-        def get(self, key, *default):
-            self.looked_up.add(key)
-            return super().get(key, *default)
-
-        def __getitem__(self, key):
-            self.looked_up.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key):
-            self.looked_up.add(key)
-            return super().__contains__(key)
-
-    try:
-        DeepSpeedConfig(LookupsRecorded(config))
-    except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, ...
-        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
-        raise UserError(f"{path}: DeepSpeed rejects this config: {' / '.join(lines[:4])}") from None
-    unknown = [key for key in config if key not in LookupsRecorded.looked_up and key not in _deepspeed_key_names()]
-    if unknown:
-        import difflib
-        known = sorted(LookupsRecorded.looked_up | _deepspeed_key_names())
-        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
-                               else "") for key in unknown]
-        raise UserError(f"{path}: unknown top-level key{'s' * (len(unknown) > 1)} {', '.join(hints)}: DeepSpeed "
-                        f"would ignore {'them' if len(unknown) > 1 else 'it'}; fix or remove")
+def universal_load_config(ds_config: dict) -> dict:
+    """The JSON change that makes load() read a universal checkpoint."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def _deepspeed_key_names() -> set[str]:
-    """String constants of DeepSpeed's config modules (keys read outside DeepSpeedConfig, e.g. "aio")."""
-    import importlib
-    names = set()
-    for module in ("deepspeed.runtime.constants", "deepspeed.runtime.swap_tensor.constants",
-                   "deepspeed.autotuning.constants"):
-        names |= {v for k, v in vars(importlib.import_module(module)).items() if k.isupper() and isinstance(v, str)}
-    return names
-
+# ---------------------------------------------------------------- optimizer and engine
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (embeddings, Linear weights) only; not on biases or LayerNorm gains."""
@@ -193,20 +130,19 @@ def build_optimizer(model: torch.nn.Module, optimizer: str, lr: float, weight_de
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     """deepspeed.initialize; the returned engine is called like the model and owns backward/step."""
     import deepspeed
-    _skip_cpu_shm_comm_build()
+    workarounds.skip_cpu_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 
-def _skip_cpu_shm_comm_build() -> None:
-    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm) inside every rank
-    of a fresh environment: ~45 s on 2 cores, and a rank killed during the build leaves torch's build lock
-    behind, so every later launch waits on it forever (seen in CI). gloo already does the collectives on
-    CPU (the plain-PyTorch DDP baseline uses it too); do without the op."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+def optimizer_step(engine, skip: bool = False) -> None:
+    """engine.step() at the gradient accumulation boundary; with skip, the accumulated gradients are
+    discarded on this rank instead (every rank must agree: the caller decides from an all-reduced flag)."""
+    if not skip:
+        engine.step()
+        return
+    with workarounds.discarding_gradients(engine):
+        engine.step()
 
 
 def set_lr(engine, lr: float) -> None:
@@ -215,6 +151,7 @@ def set_lr(engine, lr: float) -> None:
 
 
 def grad_norm(engine) -> float | None:
+    """The global gradient norm of the last optimizer step (a host sync: read it at logging intervals)."""
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
@@ -228,15 +165,17 @@ def fp16_state(engine) -> dict:
 
 
 def optimizer_state_tensors(engine) -> list[torch.Tensor]:
-    """The base optimizer's state tensors on this rank (to check that 8-bit state really is 8-bit)."""
+    """The base optimizer's state tensors on this rank (what the optimizer really holds)."""
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return [v for state in base.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
+# ---------------------------------------------------------------- engine state on disk
+
+def save(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
     """Every rank writes its shard into checkpoint_dir/tag; DeepSpeed's own `latest` file is not used
     (checkpoint.py's meta.json marks a complete checkpoint). A file that cannot be written raises OSError
-    naming it: torch.save reports a full disk as a RuntimeError with neither errno nor path."""
+    naming it."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -245,61 +184,56 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict) 
     # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    write = engine.checkpoint_engine.save
-
-    def write_naming_the_file(state_dict, path):
-        try:
-            write(state_dict, path)
-        except RuntimeError as e:
-            raise OSError(None, str(e).partition("\n")[0], path) from e
-
-    engine.checkpoint_engine.save = write_naming_the_file
-    try:
+    with workarounds.save_naming_the_file(engine):
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    finally:
-        engine.checkpoint_engine.save = write
 
 
-def load_checkpoint(engine, step_dir: Path) -> dict:
-    """Load weights, optimizer state and client state from a step folder written by save_checkpoint (or
-    converted to universal). Two repairs after ZeRO-3's universal loader: it copies param group 0's
-    hyperparameters (weight decay included) onto every group, so they are put back as this run built
-    them; and it gives every sub-group's state the same `step` tensor, which torch's Adam increments in
-    place, once per sub-group, so each state gets its own copy."""
+def load(engine, step_dir: Path) -> dict:
+    """Load weights, optimizer state and client state from a step folder written by save (or converted
+    to universal); returns the client state."""
     hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     load_path, client_state = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise UserError(f"{step_dir}: DeepSpeed could not load this checkpoint")
-    for group, saved in zip(engine.optimizer.param_groups, hyperparameters):
-        group.update(saved)
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in base.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
-    replay_cpu_adam_bias_correction(engine)
+    workarounds.restore_after_load(engine, hyperparameters)
     return client_state
 
 
-def replay_cpu_adam_bias_correction(engine) -> None:
-    """DeepSpeedCPUAdam's C++ side keeps beta1^t and beta2^t as running float products; a new process
-    would compute them with pow(), which differs in the last bits, so a resumed offload run would drift
-    from the uninterrupted one by ~1e-7. Replaying the products on a 1-element dummy makes it exact."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-    base = getattr(engine.optimizer, "optimizer", None)
-    if not isinstance(base, DeepSpeedCPUAdam):
-        return
-    steps = {int(state["step"]) for state in base.state.values() if "step" in state}
-    if not steps:
-        return
-    assert len(steps) == 1, f"optimizer states disagree on the step count: {sorted(steps)}"
-    group = base.param_groups[0]
-    p, g, m, v = (torch.zeros(1) for _ in range(4))
-    for step in range(1, steps.pop() + 1):
-        base.ds_opt_adam.adam_update(base.opt_id, step, group["lr"], *group["betas"], group["eps"],
-                                     group["weight_decay"], group["bias_correction"], p, g, m, v)
+# ---------------------------------------------------------------- ZeRO checkpoint files, without an engine
+
+def lazy_zero_state_dict(step_dir: Path) -> dict:
+    """name -> lazy fp32 tensor of a ZeRO checkpoint of any stage and world size (DeepSpeed's reader: the
+    rank files are memory-mapped and a tensor is assembled only when asked for, `.contiguous()`)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, AssertionError, pickle.UnpicklingError) as e:
+        # damaged shards whose sizes still match meta.json fail inside DeepSpeed's reader or torch.load
+        raise UserError(f"{step_dir}: DeepSpeed cannot read this checkpoint's shards "
+                        f"({type(e).__name__}: {e})") from None
 
 
-def universal_load_config(ds_config: dict) -> dict:
-    """The JSON change that makes engine.load_checkpoint read a universal checkpoint."""
-    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+def convert_to_universal(step_dir: Path, target: Path, shapes: dict[str, tuple[int, ...]],
+                         tied: dict[str, str]) -> None:
+    """DeepSpeed's ds_to_universal from step_dir into target, made loadable under every ZeRO stage.
+    It runs in a fresh interpreter: ds_to_universal forks worker pools, and forking a process whose torch
+    thread pools are already running deadlocks them. One worker: each holds a whole rank shard (weights and
+    both Adam moments) and its per-parameter copies, so more workers multiply the peak memory."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(step_dir), "--output_folder", str(target), "--inject_missing_state",
+                           "--num_extract_workers", "1", "--num_merge_workers", "1"], text=True,
+                          stdout=sys.stderr, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no message"]
+        raise UserError(f"DeepSpeed's ds_to_universal failed on {step_dir}: {last[0]}")
+    workarounds.make_universal_loadable_by_every_stage(target, shapes, tied)
+
+
+def load_universal_tensor(target: Path, name: str, state: str = "fp32") -> torch.Tensor | None:
+    """One parameter's `state` (fp32, exp_avg, exp_avg_sq) from a universal checkpoint folder, or None."""
+    path = target / "zero" / name / f"{state}.pt"
+    if not path.is_file():
+        return None
+    value = torch.load(path, map_location="cpu", weights_only=False)
+    return value["param"] if isinstance(value, dict) else value

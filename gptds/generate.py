@@ -10,12 +10,6 @@ import torch
 from gptds.config import flag, require
 from gptds.tokenizer import EOT_ID, decode, encode
 
-# The fixed prompts sampled during training: text prompts for pretraining, templated instructions for
-# fine-tuning (the same template as gptds.data.instruct renders).
-PRETRAIN_PROMPTS = ("ROMEO:", "The meaning of life is", "Once upon a time,")
-FINETUNE_INSTRUCTIONS = ("What is the capital of France?", "Give me three tips for staying healthy.",
-                         "Write a haiku about the sea.")
-
 
 def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, seed: int = 1337, device: torch.device | str = "cpu") -> list[str]:

@@ -1,12 +1,13 @@
-"""Where training metrics go, from rank 0 only: TensorBoard scalars and text, and metrics.jsonl (one JSON
-object per logged step, with the same names as the TensorBoard tags, for scripts). Also the FLOPs
-estimate behind MFU."""
+"""Where training metrics go, from rank 0 only: TensorBoard scalars and text, metrics.jsonl (one JSON
+object per logged step, with the same names as the TensorBoard tags, for scripts), and the console (a
+progress bar with ETA on a terminal, plain lines elsewhere). Also the FLOPs estimate behind MFU."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -83,3 +84,30 @@ def _drop_lines_after(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+class Console:
+    """Rank 0's console: a tqdm bar with ETA when stderr is a terminal (disabled elsewhere), and lines
+    printed above it; other ranks print nothing."""
+
+    def __init__(self, enabled: bool, start: int, total: int, desc: str):
+        from tqdm import tqdm
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                        disable=not (enabled and sys.stderr.isatty()))
+
+    def advance(self, **postfix) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(**postfix, refresh=False)
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            self.bar.write(line) if not self.bar.disable else print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

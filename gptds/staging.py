@@ -4,6 +4,7 @@ conversion or weights file under the name a user will read. Existing outputs nee
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,18 @@ def check_output(path: Path, overwrite: bool, flag: str, folder: bool = True) ->
                         f"or choose another folder")
     if not folder and path.exists() and not overwrite:
         raise UserError(f"{flag} {path} exists; pass --overwrite to replace it or choose another name")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written (a file where a folder of its
+    path should be, a read-only file system), instead of failing at the first log line or checkpoint."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: cannot create it: {existing} is a file ({os.strerror(errno.ENOTDIR)})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write below {existing} ({os.strerror(errno.EACCES)})")
 
 
 def _staging_name(path: Path) -> Path:

@@ -1,6 +1,9 @@
-"""Model weights on disk: gptds weights (safetensors whose metadata carries the GPTConfig, one file or
-shards with an index), Hugging Face GPT-2 directories, and `load_model`, which opens any of them or a
-training checkpoint folder. HF's Conv1D weights are our nn.Linear weights transposed; nothing is renamed."""
+"""Model weights from any source, through one module: gptds weights (safetensors whose metadata carries
+the GPTConfig, one file or shards with an index), Hugging Face GPT-2 directories, and training
+checkpoints (ZeRO shards of any stage and world size, read through engine.py); `load_model` opens any of
+them. Tensors are checked against the config as they are read (checked_tensors). Writing weights files
+and Hugging Face folders is here too; `gptds convert` (convert.py) only chooses what to write where.
+HF's Conv1D weights are our nn.Linear weights transposed; nothing is renamed."""
 
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from gptds import checkpoint, engine
 from gptds.errors import UserError, read_json_object
 from gptds.model import GPT, GPTConfig
+from gptds.tokenizer import write_hf_tokenizer_files
 
 # Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -113,7 +119,6 @@ def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Ten
 
 def read_safetensors(files: list[Path], tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header metadata and (unless tensors=False) the tensors of safetensors files."""
-    from safetensors import SafetensorError
     metadata, out = {}, {}
     for f in files:
         try:
@@ -253,7 +258,6 @@ def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tens
                       model_card: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """config.json, model.safetensors (or HF-style shards) and GPT-2 tokenizer files, loadable by
     GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained."""
-    from gptds.tokenizer import write_hf_tokenizer_files
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = gptds_config_to_hf(config)
@@ -265,6 +269,56 @@ def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tens
     if model_card:
         (out_dir / "README.md").write_text(model_card)
     return files
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every saved tensor's name and shape for this config (meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED_KEY}
+
+
+def checked_tensors(config: GPTConfig, lazy: dict, dtype: torch.dtype = torch.float32,
+                    source: str = "", progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Materialise tensors one at a time, refusing empty, missing, misshapen or surplus ones (ZeRO-3
+    exports have been silently empty or truncated elsewhere) and checking the total parameter count."""
+    want = expected_shapes(config)
+    names = [k for k in lazy if k != TIED_KEY]
+    missing, extra = set(want) - set(names), set(names) - set(want)
+    if missing or extra:
+        raise WeightsError(f"{source}: tensors do not match the model config: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(extra)[:5]}")
+    total = 0
+    for name in tqdm(want, desc="tensors", unit="tensor", disable=not progress):
+        t = lazy[name]
+        t = t if isinstance(t, torch.Tensor) else t.contiguous()  # DeepSpeed's lazy tensor -> real
+        if t.numel() == 0 or tuple(t.shape) != want[name]:
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config needs "
+                               f"{want[name]} (an empty or truncated export)")
+        total += t.numel()
+        yield name, t.to(dtype) if t.is_floating_point() else t
+    expected_total = sum(torch.Size(s).numel() for s in want.values())
+    if total != expected_total:
+        raise WeightsError(f"{source}: exported {total:,} parameters, the config has {expected_total:,}")
+
+
+def zero_checkpoint_tensors(step_dir: Path) -> tuple[GPTConfig, dict, dict]:
+    """Config, meta and a name -> lazy tensor map of a verified ZeRO training checkpoint; the rank files
+    are memory-mapped and a tensor is assembled only when checked_tensors asks for it."""
+    meta = checkpoint.verify(step_dir)
+    if meta.get("kind") == "universal":
+        raise WeightsError(f"{step_dir} is a universal checkpoint: resume from it (--resume --checkpoint_path), "
+                           f"or export the ZeRO checkpoint it was converted from ({meta.get('source_checkpoint')})")
+    return GPTConfig.from_dict(meta["model_config"]), meta, engine.lazy_zero_state_dict(step_dir)
+
+
+def load_checkpoint_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Config and full fp32 state dict of a training checkpoint (step folder, or checkpoint folder)."""
+    step_dir = checkpoint.resolve(path)
+    config, _, lazy = zero_checkpoint_tensors(step_dir)
+    return config, dict(checked_tensors(config, lazy, source=str(step_dir)))
 
 
 # ---------------------------------------------------------------- any path
@@ -286,7 +340,6 @@ def read_config(path: str | Path) -> GPTConfig:
     if kind == "hf":
         return read_hf_config(path)
     if kind == "checkpoint":
-        from gptds import checkpoint
         return GPTConfig.from_dict(checkpoint.read_meta(checkpoint.resolve(path))["model_config"])
     return read_gptds_config(path)
 
@@ -300,8 +353,7 @@ def load_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     if kind == "hf":
         return load_hf_directory(path)
     if kind == "checkpoint":
-        from gptds.convert import consolidate_checkpoint  # training checkpoints need DeepSpeed's reader
-        return consolidate_checkpoint(path)
+        return load_checkpoint_weights(path)
     return load_gptds_weights(path)
 
 

@@ -1,9 +1,11 @@
 """Runs a list of gptds training commands inside one set of ranks, so that a test matrix pays the cost
-of starting processes once. Launched by the tests as
+of starting processes once. Launched by the tests (conftest.launch) as
     deepspeed --num_gpus 2 --no_local_rank tests/dist_runner.py SPEC.json OUT.json
 SPEC.json is a list of {"name", "argv"} (argv as for `gptds`, e.g. ["pretrain", "--max_steps", "4"]); each
 runs through the CLI parser and gptds.train.train, the real loop. Rank 0 writes OUT.json: per name the
-RunResult fields, or the error a run raised, and prints "=== scenario NAME" as each one starts.
+run's outcome (summary()), or the error a run raised, and prints "=== scenario NAME" as each one starts.
+The per-step losses come from the run's metrics.jsonl (run the scenarios with --log_interval 1), and the
+optimizer-state bytes per parameter from the optimizer after the run, as a user would read them.
 
 Optional per scenario, for the reliability tests:
 - "fault": {"kind", "rank", ...}: a failure injected on purpose, in this process only (monkeypatches,
@@ -12,7 +14,6 @@ Optional per scenario, for the reliability tests:
   exit status 2), and exit with its status when that is not 0: a rank that fails alone leaves the others
   waiting in a collective, and the launcher ends them. Such a scenario comes last in its launch."""
 
-import dataclasses
 import errno
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, dist
+from gptds import checkpoint, dist, engine
 from gptds.__main__ import build_parser
 from gptds.__main__ import main as cli_main
 from gptds.config import run_config_from_flags
@@ -107,6 +108,27 @@ FAULTS = {"nan_loss": nan_loss, "kill_in_save": kill_in_save, "enospc_in_save": 
           "kill_in_write_meta": kill_in_write_meta}
 
 
+def logged_losses(log_dir: Path, after_step: int) -> dict[int, float]:
+    """step index (0-based) -> training loss, from metrics.jsonl lines of steps after `after_step`."""
+    path = log_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"] - 1: r["loss"] for r in records if "loss" in r and r["step"] > after_step}
+
+
+def optimizer_state_bytes_per_param(s) -> float:
+    """What the optimizer holds on all ranks, per model parameter."""
+    local = sum(t.numel() * t.element_size() for t in engine.optimizer_state_tensors(s.eng))
+    return dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)).item() / s.n_params
+
+
+def summary(s) -> dict:
+    state = s.state
+    return {"step": state.step, "val_loss": state.val_loss, "stopped_by_signal": state.stopped_by_signal,
+            "skipped_bad_steps": state.skipped_bad_steps, "checkpoint": state.checkpoint,
+            "losses": logged_losses(Path(s.run.train.log_dir), s.resumed_from_step or 0),
+            "optimizer_state_bytes_per_param": optimizer_state_bytes_per_param(s)}
+
+
 def run_scenario(scenario: dict) -> dict:
     if scenario.get("cli"):
         status = cli_main(scenario["argv"])
@@ -114,7 +136,7 @@ def run_scenario(scenario: dict) -> dict:
             sys.exit(status)
         return {"exit_status": status}
     args = build_parser().parse_args(scenario["argv"])
-    return dataclasses.asdict(train(run_config_from_flags(args.command, args)))
+    return summary(train(run_config_from_flags(args.command, args)))
 
 
 def main(spec_path: str, out_path: str) -> None:

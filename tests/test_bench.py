@@ -5,24 +5,19 @@ side by side; and the largest-model search's doubling-then-bisecting, with a sta
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
+pytestmark = pytest.mark.slow  # launches ranks or trains
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "bench"))  # the scripts import their shared helpers as `common`
 
 import memory  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

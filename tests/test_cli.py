@@ -8,21 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fp32_config, free_port
 
 from gptds import checkpoint
 from gptds.__main__ import main
 
+pytestmark = pytest.mark.slow  # launches ranks or trains
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMALL = ["--model", "tiny", "-B", "2", "-T", "32", "--log_interval", "1"]
-
-
-def fp32(tmp_path: Path, name: str) -> str:
-    config = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
-    config.pop("bf16", None)
-    path = tmp_path / f"{name}_fp32.json"
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -35,14 +29,14 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, text_data, dolly_data):
     tmp = tmp_path_factory.mktemp("cli")
-    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", "29611",
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()),
                 "--module", "gptds"]
-    pre = run(launcher + ["pretrain", "--data_dir", str(text_data), "--deepspeed_config", fp32(tmp, "zero3"),
+    pre = run(launcher + ["pretrain", "--data_dir", str(text_data), "--deepspeed_config", fp32_config(tmp, "zero3"),
                           "--log_dir", str(tmp / "pre"), "--max_steps", "6", "--eval_interval", "3",
                           "--eval_batches", "2", "--hellaswag_interval", "6", "--hellaswag_limit", "8",
                           "--generate_interval", "6", "--generate_max_new_tokens", "8", "--checkpoint_interval", "3",
                           *SMALL])
-    ft = run(launcher + ["finetune", "--data_dir", str(dolly_data), "--deepspeed_config", fp32(tmp, "zero2"),
+    ft = run(launcher + ["finetune", "--data_dir", str(dolly_data), "--deepspeed_config", fp32_config(tmp, "zero2"),
                          "--log_dir", str(tmp / "ft"), "--pretrained_checkpoint", str(tmp / "pre" / "checkpoints"),
                          "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "1", "--generate_interval", "4",
                          "--generate_max_new_tokens", "8", *SMALL, "-T", "128"])
@@ -135,13 +129,10 @@ def test_context_longer_than_the_model(tmp_path, capsys, text_data):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, text_data):
-    """A 2-step single-process run whose checkpoint the next tests try to misuse."""
-    log_dir = tmp_path_factory.mktemp("tiny_run")
-    assert main(["pretrain", "--data_dir", str(text_data), "--log_dir", str(log_dir), "--max_steps", "2",
-                 "--deepspeed_config", "zero2_fp32", "--eval_interval", "0", "--generate_interval", "0",
-                 "--hellaswag_interval", "0", *SMALL]) == 0
-    return log_dir
+def tiny_run(tiny_checkpoint):
+    """The run folder of the shared tiny checkpoint, which the next tests try to misuse (refused before
+    any work: nothing there changes)."""
+    return tiny_checkpoint.parent
 
 
 def test_checkpoint_of_another_model_shape(tiny_run, capsys, text_data):

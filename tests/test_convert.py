@@ -3,22 +3,30 @@ Face give transformers logits equal to gptds's; HF -> gptds -> HF is bit-identic
 safetensors (sharded) load back exactly; universal checkpoints resume a 2-rank ZeRO-2 run on 1 rank and a
 ZeRO-1 run under ZeRO-3 with the loss it had; bad input is one line and leaves nothing half-written."""
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import fp32_config, launch, losses
 
 from gptds import checkpoint
 from gptds.__main__ import main
-from gptds.convert import consolidate_checkpoint, hf_to_gptds, zero_to_fp32, zero_to_hf, zero_to_universal
+from gptds.convert import (
+    HfToGptdsConfig,
+    ZeroToFp32Config,
+    ZeroToHfConfig,
+    ZeroToUniversalConfig,
+    hf_to_gptds,
+    zero_to_fp32,
+    zero_to_hf,
+    zero_to_universal,
+)
 from gptds.tokenizer import encode
-from gptds.weights import load_gptds_weights, load_model, model_from_state_dict
+from gptds.weights import load_checkpoint_weights, load_gptds_weights, load_model, model_from_state_dict
 
+pytestmark = pytest.mark.slow  # launches ranks or trains
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--model", "tiny", "-T", "32", "--lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", "1",
          "--lr_decay_steps", "6", "--max_steps", "6", "--eval_interval", "0", "--generate_interval", "0",
@@ -31,30 +39,7 @@ UNIVERSAL_RTOL = 1e-4
 
 
 def fp32(tmp: Path, name: str) -> str:
-    config = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
-    config.pop("bf16", None)
-    config.get("zero_optimization", {})["stage3_param_persistence_threshold"] = 0  # partition every tensor
-    path = tmp / f"{name}_fp32.json"
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
-def launch(spec, tmp: Path, name: str, ranks: int) -> dict:
-    spec_path, out_path = tmp / f"{name}_spec.json", tmp / f"{name}_out.json"
-    spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-                           "--no_local_rank", "--master_port", str(29500 + ranks * 37 + len(name)),
-                           str(ROOT / "tests" / "dist_runner.py"), str(spec_path), str(out_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out_path.exists(), f"launcher exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(out_path.read_text())
-    for key, r in results.items():
-        assert "error" not in r, f"{key}: {r.get('traceback')}"
-    return results
-
-
-def losses(r) -> list[float]:
-    return [r["losses"][str(s)] for s in sorted(map(int, r["losses"]))]
+    return fp32_config(tmp, name, stage3_param_persistence_threshold=0)  # partition every tensor
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +56,8 @@ def ckpts(tmp_path_factory, text_data):
                    pretrain("z3-adamw", fp32(tmp, "zero3"), ["-B", "2", "--optimizer", "adamw"]),
                    pretrain("z1-8bit", fp32(tmp, "zero1"), ["-B", "2", "--max_steps", "3"])], tmp, "train", 2)
     for name in ("z1", "z2", "z3-adamw"):
-        zero_to_universal(str(tmp / name / "checkpoints"), str(tmp / f"{name}-universal"), tag="step_00000003")
+        zero_to_universal(ZeroToUniversalConfig(str(tmp / name / "checkpoints"), str(tmp / f"{name}-universal"),
+                                                tag="step_00000003"))
     # 2-rank runs (micro batch 2) resumed on 1 rank (micro batch 4: the same global batch)
     on_one = launch([pretrain("z2-on-1-rank", fp32(tmp, "zero2"), [
         "-B", "4", "--optimizer", "adamw", "--resume", "--checkpoint_path", str(tmp / "z2-universal")]),
@@ -87,7 +73,7 @@ def ckpts(tmp_path_factory, text_data):
 @pytest.mark.parametrize("name", ["z3", "z1"])
 def test_zero_to_hf_logits_match_gptds(ckpts, name):
     out = ckpts["tmp"] / f"{name}-hf"
-    zero_to_hf(str(ckpts["tmp"] / name / "checkpoints"), str(out))
+    zero_to_hf(ZeroToHfConfig(str(ckpts["tmp"] / name / "checkpoints"), str(out)))
     ours = load_model(ckpts["tmp"] / name / "checkpoints").eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     x = torch.tensor([encode("ROMEO:\nBut, soft! what light through yonder window breaks?")])
@@ -101,7 +87,7 @@ def test_zero_to_hf_logits_match_gptds(ckpts, name):
 
 
 def test_a_zero3_export_has_every_parameter(ckpts):
-    config, sd = consolidate_checkpoint(ckpts["tmp"] / "z3" / "checkpoints")
+    config, sd = load_checkpoint_weights(ckpts["tmp"] / "z3" / "checkpoints")
     assert sum(v.numel() for v in sd.values()) == 3_324_736 == model_from_state_dict(config, sd).num_parameters()
     assert all(v.numel() > 0 and torch.isfinite(v).all() for v in sd.values())
 
@@ -110,7 +96,7 @@ def test_hf_to_gptds_to_hf_is_bit_identical(tmp_path):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=2, n_head=2))
     model.save_pretrained(tmp_path / "hf")
-    hf_to_gptds(str(tmp_path / "hf"), str(tmp_path / "w.safetensors"))
+    hf_to_gptds(HfToGptdsConfig(str(tmp_path / "hf"), str(tmp_path / "w.safetensors")))
     config, sd = load_gptds_weights(tmp_path / "w.safetensors")
     from gptds.weights import read_safetensors, save_hf_directory
     save_hf_directory(config, sd.items(), tmp_path / "back")
@@ -126,12 +112,12 @@ def test_hf_to_gptds_to_hf_is_bit_identical(tmp_path):
 
 def test_zero_to_fp32_shards_stream_and_load_back(ckpts, capsys):
     out = ckpts["tmp"] / "z3-fp32"
-    files = zero_to_fp32(str(ckpts["tmp"] / "z3" / "checkpoints"), str(out), max_shard_bytes=200_000)
+    files = zero_to_fp32(ZeroToFp32Config(str(ckpts["tmp"] / "z3" / "checkpoints"), str(out), max_shard_mb=0.2))
     names = sorted(f.name for f in files)
     assert "model.safetensors.index.json" in names and len(names) >= 4  # 13.3 MB in 200 kB shards
     assert "estimated peak memory" in capsys.readouterr().out
     config, sd = load_gptds_weights(out)
-    _, reference = consolidate_checkpoint(ckpts["tmp"] / "z3" / "checkpoints")
+    _, reference = load_checkpoint_weights(ckpts["tmp"] / "z3" / "checkpoints")
     assert all(torch.equal(sd[k], reference[k]) for k in reference)
     assert main(["convert", "zero-to-fp32", str(ckpts["tmp"] / "z3" / "checkpoints"), str(out / ".." / "z3-bf16"),
                  "--dtype", "bf16", "--tag", "step_00000003"]) == 0

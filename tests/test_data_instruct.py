@@ -4,12 +4,11 @@ on the bundled Dolly sample, Alpaca-layout files and the datasets code path."""
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gptds_cli
 
 from gptds.data.instruct import (
     IGNORE_INDEX,
@@ -203,10 +202,8 @@ def test_dolly_through_the_datasets_code_path(tmp_path):
 
 def test_cli_prepare_dolly(tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "gptds", "prepare", "dolly", "--input", str(DOLLY),
-                             "--output_dir", str(out), "--num_workers", "0", "--context_length", "512"],
-                            cwd=ROOT, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
+    result = gptds_cli("prepare", "dolly", "--input", str(DOLLY), "--output_dir", str(out), "--num_workers", "0",
+                       "--context_length", "512")
     manifest = load_manifest(out)
     assert manifest["context_length"] == 512 and manifest["command"][1:4] == ["prepare", "dolly", "--input"]
     assert "records" in result.stdout

@@ -126,7 +126,8 @@ def test_load_state_dict_refuses_changes_that_alter_the_order(text_dir, tmp_path
     state = loader.state_dict()
     with pytest.raises(UserError, match="context_length was 128, now 64"):
         build_loader(text_dir, "train", 4, 64, 0, 2, SEED).load_state_dict(state)
-    with pytest.raises(UserError, match=r"global batch was world_size 2 x batch_size 4 = 8 sequences, now 2 x 2 = 4"):
+    with pytest.raises(UserError, match=r"global batch was world_size 2 x micro_batch_size 4 = 8 sequences, "
+                                        r"now 2 x 2 = 4"):
         build_loader(text_dir, "train", 2, 128, 0, 2, SEED).load_state_dict(state)
     with pytest.raises(UserError, match="seed was"):
         build_loader(text_dir, "train", 4, 128, 0, 2, SEED + 1).load_state_dict(state)

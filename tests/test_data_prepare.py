@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import gptds_cli
 
 from gptds.data.prepare import PrepareTextConfig, prepare_text
 from gptds.data.shards import load_manifest, manifest_sha256, read_split, verify_shards
@@ -165,10 +166,8 @@ def test_datasets_code_path_on_local_files(tmp_path, monkeypatch):
 
 def test_cli_prepare_text(tmp_path, shakespeare_tokens):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "gptds", "prepare", "text", "--input", str(SHAKESPEARE),
-                             "--output_dir", str(out), "--num_workers", "1", "--val_block_tokens", "512"],
-                            cwd=ROOT, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
+    result = gptds_cli("prepare", "text", "--input", str(SHAKESPEARE), "--output_dir", str(out), "--num_workers", "1",
+                       "--val_block_tokens", "512")
     manifest = load_manifest(out)
     assert manifest["command"][1:] == ["prepare", "text", "--input", str(SHAKESPEARE), "--output_dir", str(out),
                                        "--num_workers", "1", "--val_block_tokens", "512"]

@@ -164,6 +164,7 @@ def test_entrypoint_passes_other_programs_through():
     assert proc.returncode == 0 and "DeepSpeed C++/CUDA extension op report" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_docker_stop_makes_a_training_run_checkpoint_and_exit_0(tmp_path, text_data):
     """`docker stop` sends SIGTERM to the container's PID 1, the entrypoint shell, only: the deepspeed launch it
     started checkpoints at the next step boundary and the container exits 0 (without the forwarding, PID 1 drops

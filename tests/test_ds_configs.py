@@ -1,5 +1,5 @@
-"""ds_configs/*.json: every file is accepted by DeepSpeed after the CLI fills in its values, and a config
-that breaks the rule in gptds/engine.py is refused before any work with a message saying what to change."""
+"""ds_configs/*.json: every file is accepted by DeepSpeed after the run fills in its values, and a config
+that breaks the rule in gptds/config.py is refused before any work with a message saying what to change."""
 
 import json
 from pathlib import Path
@@ -7,14 +7,20 @@ from pathlib import Path
 import pytest
 
 from gptds import engine
+from gptds.__main__ import build_parser
+from gptds.config import resolve_ds_config_path, run_config_from_flags
 from gptds.errors import UserError
+from gptds.session import load_ds_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*.json"))
 
 
-def load(path, **kw):
-    args = dict(micro_batch_size=4, grad_accum_steps=2, world_size=2, grad_clip=1.0, optimizer="adamw")
-    return engine.load_ds_config(Path(path), **{**args, **kw})
+def load(path, micro_batch_size=4, grad_accum_steps=2, world_size=2, optimizer="adamw"):
+    """The config a run of these settings would initialise DeepSpeed with (session.load_ds_config)."""
+    args = build_parser().parse_args(["pretrain", "--deepspeed_config", str(path), "-B", str(micro_batch_size),
+                                      "--grad_accum_steps", str(grad_accum_steps), "--optimizer", optimizer])
+    run = run_config_from_flags("pretrain", args)
+    return load_ds_config(run, run.batch(world_size))[1]
 
 
 def write(tmp_path, config) -> Path:
@@ -56,20 +62,20 @@ def test_bf16_is_the_default_precision_and_fp16_uses_dynamic_loss_scaling():
 
 def test_a_precision_the_device_lacks_is_refused():
     from deepspeed.accelerator import get_accelerator
-    path = engine.resolve_ds_config_path("zero2_fp16")
+    path = resolve_ds_config_path("zero2_fp16")
     if get_accelerator().is_fp16_supported():
         engine.check_precision_supported(path, load(path))
     else:  # CPU: DeepSpeed cannot train in fp16 here
         with pytest.raises(UserError, match="enables fp16, which DeepSpeed does not support"):
             engine.check_precision_supported(path, load(path))
-    engine.check_precision_supported(path, load(engine.resolve_ds_config_path("zero2_fp32")))
+    engine.check_precision_supported(path, load(resolve_ds_config_path("zero2_fp32")))
 
 
 def test_configs_resolve_by_name():
-    assert engine.resolve_ds_config_path("zero3").name == "zero3.json"
-    assert engine.resolve_ds_config_path("zero3.json").name == "zero3.json"
+    assert resolve_ds_config_path("zero3").name == "zero3.json"
+    assert resolve_ds_config_path("zero3.json").name == "zero3.json"
     with pytest.raises(UserError, match="zero4.*zero1"):
-        engine.resolve_ds_config_path("zero4")
+        resolve_ds_config_path("zero4")
 
 
 def test_batch_arithmetic_that_does_not_add_up_is_refused(tmp_path):
@@ -81,7 +87,7 @@ def test_batch_arithmetic_that_does_not_add_up_is_refused(tmp_path):
 
 def test_a_conflicting_cli_owned_value_names_the_flag(tmp_path):
     path = write(tmp_path, {"train_micro_batch_size_per_gpu": 8})
-    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu = 8 conflicts with --batch_size 4"):
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu = 8 conflicts with --micro_batch_size 4"):
         load(path)
 
 
@@ -93,12 +99,12 @@ def test_optimizer_and_scheduler_blocks_are_refused(tmp_path, block):
 
 def test_8bit_adamw_with_optimizer_offload_is_refused():
     with pytest.raises(UserError, match="--optimizer adamw"):
-        load(engine.resolve_ds_config_path("zero2_offload"), optimizer="adamw8bit")
+        load(resolve_ds_config_path("zero2_offload"), optimizer="adamw8bit")
 
 
 def test_8bit_adamw_sets_the_untested_optimizer_switch():
-    assert load(engine.resolve_ds_config_path("zero2"), optimizer="adamw8bit")["zero_allow_untested_optimizer"]
-    assert not load(engine.resolve_ds_config_path("zero2"), optimizer="adamw")["zero_allow_untested_optimizer"]
+    assert load(resolve_ds_config_path("zero2"), optimizer="adamw8bit")["zero_allow_untested_optimizer"]
+    assert not load(resolve_ds_config_path("zero2"), optimizer="adamw")["zero_allow_untested_optimizer"]
 
 
 def test_invalid_json_names_line_and_column(tmp_path):

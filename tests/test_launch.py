@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import fp32_config, free_port
 
 from gptds import checkpoint
 
@@ -67,12 +67,6 @@ esac
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_exe(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -111,14 +105,6 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def fp32_config(tmp: Path) -> str:
-    """ds_configs/zero2.json without bf16: this CPU runs bf16 ~80x slower."""
-    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    config.pop("bf16", None)
-    (tmp / "zero2.json").write_text(json.dumps(config))
-    return str(tmp / "zero2.json")
-
-
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, text_data):
     """Two deepspeed launchers, one per "node", one rank each, 3 ZeRO-2 steps and a checkpoint at step 3."""
@@ -147,6 +133,7 @@ def two_nodes(tmp_path_factory, text_data):
             "outputs": [log.read_text() for log in logs]}
 
 
+@pytest.mark.slow
 def test_two_launchers_as_two_nodes_write_one_checkpoint(two_nodes):
     assert two_nodes["codes"] == [0, 0], "\n".join(out[-3000:] for out in two_nodes["outputs"])
     step_dir = two_nodes["log_dir"] / "checkpoints" / "step_00000003"
@@ -158,6 +145,7 @@ def test_two_launchers_as_two_nodes_write_one_checkpoint(two_nodes):
     assert "step 3/3" in two_nodes["outputs"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signalled", ["time limit", "preemption"])
 def test_slurm_script_resumes_checkpoints_on_sigterm_and_requeues(two_nodes, tmp_path, signalled):
     """Time limit: --signal=B:TERM@120 sends SIGTERM to the batch shell only. Preemption: Slurm sends SIGTERM to
@@ -325,6 +313,7 @@ def test_docker_run_script_refuses_missing_folders(missing, tmp_path):
     assert not (tmp_path / "docker.args").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("own_checkpoints", [False, True])
 def test_slurm_script_starts_from_resume_path_then_continues_from_its_own(own_checkpoints, tmp_path):
     """--resume --checkpoint_path (e.g. a universal checkpoint) is passed through to the first run; once the run

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import free_port
 from reliability_report import write_report
 
 from gptds import checkpoint
 from gptds.__main__ import build_parser, main
 from gptds.config import run_config_from_flags
-from gptds.train import resume_target
 
+pytestmark = pytest.mark.slow  # launches ranks or trains
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 FLAGS = ["--model", "tiny", "-B", "2", "-T", "32", "--deepspeed_config", "zero2_fp32", "--lr", "1e-2", "--min_lr",
@@ -67,13 +68,13 @@ class Launch:
     """`deepspeed --num_gpus 2 tests/dist_runner.py SPEC OUT` in its own process group, its output read as it
     comes (the ranks' stdout is rank 0's log lines), with a deadline for everything."""
 
-    def __init__(self, spec: list[dict], tmp: Path, name: str, port: int):
+    def __init__(self, spec: list[dict], tmp: Path, name: str):
         self.spec_path, self.out_path = tmp / f"{name}_spec.json", tmp / f"{name}_out.json"
         self.spec_path.write_text(json.dumps(spec))
         self.name, self.started = name, time.monotonic()
         self.deadline = self.started + LAUNCH_TIMEOUT
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-                                      "--no_local_rank", "--master_port", str(port),
+                                      "--no_local_rank", "--master_port", str(free_port()),
                                       str(ROOT / "tests" / "dist_runner.py"), str(self.spec_path), str(self.out_path)],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
@@ -135,7 +136,8 @@ def pretrain(name: str, log_dir: Path, data: Path, *extra: str, **fields) -> dic
                                    "--max_steps", str(STEPS), *extra], **fields}
 
 
-def losses(r: dict) -> dict[int, float]:
+def losses_by_step(r: dict) -> dict[int, float]:
+    """step -> loss (a dict: the reliability runs compare pieces of runs by step)."""
     assert "error" not in r, r.get("traceback", r)
     return {int(k): v for k, v in r["losses"].items()}
 
@@ -202,7 +204,7 @@ def runs(tmp_path_factory, text_data):
         spec("nan-3-in-a-row", "--checkpoint_interval", "1", "--max_bad_steps", "3", fault=nan(1, 3, 4, 5)),
         spec("killed-in-save", "--checkpoint_interval", "2",
              fault={"kind": "kill_in_save", "rank": 0, "tag": "step_00000004", "after_files": 1}),
-    ], tmp, "first", 29801)
+    ], tmp, "first")
     run["first_status"], run["first"], run["first_text"] = first.finish(), first.results(), first.text()
     fault("nan loss, one batch, rank 1")
     fault("nan loss, one batch, rank 1, run stopped after it and resumed")
@@ -218,7 +220,7 @@ def runs(tmp_path_factory, text_data):
         spec("other-zero-stage", "--auto_resume", "--deepspeed_config", str(stage1), log_dir=tmp / "ref"),
         spec("sigterm", "--checkpoint_interval", "0"),
         spec("sigusr1", "--checkpoint_interval", "0"),
-    ], tmp, "second", 29802)
+    ], tmp, "second")
     run["stop_seconds"] = {}
     for name, sig, at in (("sigterm", signal.SIGTERM, 3), ("sigusr1", signal.SIGUSR1, 6)):
         second.wait_for(f"^=== scenario {name}$")
@@ -236,7 +238,7 @@ def runs(tmp_path_factory, text_data):
     kill_after, target = rng.randint(3, STEPS - 1), rng.choice(["process group", "rank 0", "rank 1"])
     print(f"random kill (GPTDS_FAULT_SEED={SEED}): {target} after step {kill_after}")
     third = Launch([spec("killed-at-random", "--auto_resume", "--checkpoint_interval", "1",
-                         log_dir=tmp / "killed-in-save")], tmp, "third", 29803)
+                         log_dir=tmp / "killed-in-save")], tmp, "third")
     third.wait_for(f"^step {kill_after}/{STEPS} ")
     if target == "process group":
         third.kill()
@@ -271,7 +273,7 @@ def runs(tmp_path_factory, text_data):
         spec("sigusr1-resumed", "--auto_resume", "--checkpoint_interval", "0", log_dir=tmp / "sigusr1"),
         {"name": "enospc", "argv": enospc_argv, "cli": True,
          "fault": {"kind": "enospc_in_save", "rank": 1, "tag": "step_00000004", "after_files": 0}},
-    ], tmp, "fourth", 29804)
+    ], tmp, "fourth")
     fourth.wait_for("^=== scenario enospc$")
     fourth.wait_for("cannot write checkpoint")
     started = time.monotonic()
@@ -279,7 +281,8 @@ def runs(tmp_path_factory, text_data):
     run["enospc_seconds_to_end"] = time.monotonic() - started
     fault("ENOSPC on rank 1 writing its shard of step 4")
     args = build_parser().parse_args([*enospc_argv, "--auto_resume"])
-    run["enospc_auto_resume"] = resume_target(run_config_from_flags("pretrain", args))
+    run_config = run_config_from_flags("pretrain", args)
+    run["enospc_auto_resume"] = checkpoint.resume_target(run_config.checkpoint_dir, run_config.checkpoint)
     count_figures(run)
     return run
 
@@ -317,8 +320,8 @@ def test_sigkill_in_a_save_then_at_random_then_auto_resume_continues_exactly(run
     assert all(checkpoint.step_of(Path(p)) > checkpoint.step_of(latest) for p in runs["partial_after_random_kill"])
     assert resumed_from(text, "killed-resumed") == checkpoint.step_of(latest)
     assert runs["third_seconds_to_end"] < 60
-    reference = losses(runs["first"]["ref"])
-    resumed = losses(runs["fourth"]["killed-resumed"])
+    reference = losses_by_step(runs["first"]["ref"])
+    resumed = losses_by_step(runs["fourth"]["killed-resumed"])
     assert sorted(resumed) == list(range(checkpoint.step_of(latest), STEPS))
     assert resumed == {s: reference[s] for s in resumed}  # bit for bit
     # the killed attempts' logged losses (4 decimals) are the reference's too
@@ -336,8 +339,8 @@ def test_sigkill_while_meta_is_written_leaves_the_folder_incomplete(runs):
     assert runs["step_8_after_meta_kill"] == sorted(["meta.json.tmp" if f == "meta.json" else f for f in shards])
     assert checkpoint.is_complete(folder / "step_00000008")  # the resumed run wrote it again
     assert runs["latest_after_meta_kill"] == folder / "step_00000006"
-    resumed = losses(runs["fourth"]["killed-in-write-meta"])
-    reference = losses(runs["first"]["ref"])
+    resumed = losses_by_step(runs["fourth"]["killed-in-write-meta"])
+    reference = losses_by_step(runs["first"]["ref"])
     assert resumed_from(runs["fourth_text"], "killed-in-write-meta") == 6
     assert resumed == {6: reference[6], 7: reference[7]}
 
@@ -353,10 +356,10 @@ def test_stop_signal_checkpoints_at_the_step_boundary_exits_0_and_resumes_exactl
     assert checkpoint.is_complete(Path(stopped["checkpoint"]))
     assert runs["stop_seconds"][name] < STOP_SECONDS
     assert runs["second_status"] == 0  # every rank exited 0 after the signal, so did deepspeed's launcher
-    resumed = losses(runs["fourth"][f"{name}-resumed"])
-    reference = losses(runs["first"]["ref"])
+    resumed = losses_by_step(runs["fourth"][f"{name}-resumed"])
+    reference = losses_by_step(runs["first"]["ref"])
     assert min(resumed) == stopped["step"] and max(resumed) == STEPS - 1
-    assert losses(stopped) | resumed == reference  # bit for bit
+    assert losses_by_step(stopped) | resumed == reference  # bit for bit
 
 
 # ---------------------------------------------------------------- a full disk
@@ -394,16 +397,18 @@ def test_one_bad_batch_is_skipped_on_every_rank_and_counted(runs):
     for name, steps in (("nan-once", STEPS), ("inf-once-zero3", 4)):
         r = runs["first"][name]
         assert r["skipped_bad_steps"] == 1 and r["step"] == steps
-        assert sorted(losses(r)) == list(range(steps)) and all(v == v and v < 20 for v in losses(r).values())
-    assert "step 3: non-finite loss on 1 rank(s) at lr" in runs["first_text"]
+        logged = losses_by_step(r)
+        assert sorted(logged) == list(range(steps)) and all(v == v and v < 20 for v in logged.values())
+    assert "step 3: non-finite loss in 1 micro-batch(es) at lr" in runs["first_text"]
 
 
 def test_a_run_with_a_skipped_batch_resumes_exactly(runs):
-    full, half = losses(runs["first"]["nan-once"]), runs["first"]["nan-once-half"]
+    full, half = losses_by_step(runs["first"]["nan-once"]), runs["first"]["nan-once-half"]
     resumed = runs["second"]["nan-once-resumed"]
-    assert half["skipped_bad_steps"] == 1 and resumed["skipped_bad_steps"] == 0
-    assert losses(half) | losses(resumed) == full  # the skipped batch counts as consumed
-    assert full != losses(runs["first"]["ref"])  # it was skipped, not trained on
+    # the count is the run's, kept in the checkpoint: the resumed attempt skipped nothing more
+    assert half["skipped_bad_steps"] == 1 and resumed["skipped_bad_steps"] == 1
+    assert losses_by_step(half) | losses_by_step(resumed) == full  # the skipped batch counts as consumed
+    assert full != losses_by_step(runs["first"]["ref"])  # it was skipped, not trained on
 
 
 def test_consecutive_bad_losses_stop_every_rank_naming_step_loss_and_lr(runs):

@@ -7,10 +7,10 @@ import pytest
 
 from gptds import checkpoint
 from gptds.__main__ import build_parser, main
+from gptds.checkpoint import check_resumable
 from gptds.config import TrainConfig, run_config_from_flags
 from gptds.errors import UserError
 from gptds.model import GPTConfig
-from gptds.train import check_resumable, resume_target
 
 
 def test_min_lr_defaults_to_a_tenth_of_lr_so_lowering_lr_alone_works():
@@ -42,6 +42,10 @@ def _run(tmp_path, *flags):
     return run_config_from_flags("pretrain", args)
 
 
+def resume_target(run):
+    return checkpoint.resume_target(run.checkpoint_dir, run.checkpoint)
+
+
 def test_resuming_an_older_step_into_a_folder_with_newer_ones_is_refused(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     older, newest = _fake_checkpoint(checkpoints, 100), _fake_checkpoint(checkpoints, 300)
@@ -61,17 +65,13 @@ META = {"model_config": GPTConfig.from_preset("tiny").to_dict(), "data_manifest_
 
 
 def test_another_world_size_offers_the_universal_conversion_only_where_it_exists(tmp_path):
-    run = _run(tmp_path, "--model", "tiny", "--optimizer", "adamw")
-    ds_config = {"zero_optimization": {"stage": 2}}
+    now = {**META, "world_size": 1, "zero_stage": 2}  # this run: 1 rank, ZeRO-2
     with pytest.raises(UserError, match=r"saved by 2 ranks under ZeRO-2; this run has 1 ranks under ZeRO-2\. "
                                         r"Convert it first: `gptds convert zero-to-universal"):
-        check_resumable({**META, "optimizer": "adamw"}, tmp_path, GPTConfig.from_preset("tiny"), "ab" * 32,
-                        ds_config, run, world_size=1)
-    run = _run(tmp_path, "--model", "tiny", "--optimizer", "adamw8bit")
+        check_resumable({**META, "optimizer": "adamw"}, tmp_path, {**now, "optimizer": "adamw"})
     with pytest.raises(UserError, match=r"Its 8-bit AdamW state only resumes on the same ranks and stage: run with "
                                         r"2 ranks under ZeRO-2, or start a new run") as refused:
-        check_resumable({**META, "optimizer": "adamw8bit"}, tmp_path, GPTConfig.from_preset("tiny"), "ab" * 32,
-                        ds_config, run, world_size=1)
+        check_resumable({**META, "optimizer": "adamw8bit"}, tmp_path, {**now, "optimizer": "adamw8bit"})
     assert "zero-to-universal" not in str(refused.value)  # convert.py refuses 8-bit state
 
 

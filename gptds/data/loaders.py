@@ -3,7 +3,7 @@ pretraining shards, InstructLoader packs whole instruction records into loss-mas
 distributed (rank r takes its slice of each global step), deterministic for a seed and exactly resumable.
 
 The position is global and identical on every rank: (epoch, cursor) where the next global step starts,
-a global step being world_size * batch_size sequences. The cursor counts windows (text) or records of
+a global step being world_size * micro_batch_size sequences. The cursor counts windows (text) or records of
 the epoch's order (instruct). Resuming at the same global batch size continues with exactly the
 batches an uninterrupted run would have seen, on any world size."""
 
@@ -26,7 +26,7 @@ from gptds.data.shards import (
 )
 from gptds.errors import UserError
 
-__all__ = ["InstructLoader", "TextLoader", "build_loader", "load_manifest", "manifest_sha256"]
+__all__ = ["DeviceBatches", "InstructLoader", "TextLoader", "build_loader", "load_manifest", "manifest_sha256"]
 
 STATE_VERSION = 1
 
@@ -36,12 +36,12 @@ class _Loader:
     A subclass implements _rows(): this rank's rows of the next global step, advancing the position."""
     kind = ""
 
-    def __init__(self, data_dir: Path, manifest: dict, split: str, batch_size: int, context_length: int,
+    def __init__(self, data_dir: Path, manifest: dict, split: str, micro_batch_size: int, context_length: int,
                  rank: int, world_size: int, seed: int, shuffle: bool):
         self.data_dir, self.manifest, self.split = Path(data_dir), manifest, split
-        self.batch_size, self.context_length = batch_size, context_length
+        self.micro_batch_size, self.context_length = micro_batch_size, context_length
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.tokens_per_batch = batch_size * context_length  # per rank and call of next_batch
+        self.tokens_per_batch = micro_batch_size * context_length  # per rank and call of next_batch
         self.data_sha256 = data_sha256(manifest)
         self.shards = [entry for entry in manifest["shards"] if entry["split"] == split]
         if not self.shards:
@@ -50,9 +50,9 @@ class _Loader:
         self.reset()
 
     @property
-    def global_batch_size(self) -> int:
-        """Sequences per global step, over all ranks."""
-        return self.world_size * self.batch_size
+    def sequences_per_micro_step(self) -> int:
+        """Sequences all ranks take per call of next_batch (config.Batch.sequences_per_micro_step)."""
+        return self.world_size * self.micro_batch_size
 
     def reset(self) -> None:
         """Back to the very start of epoch 0 (the trainer does this to the val loader before evaluating)."""
@@ -70,7 +70,8 @@ class _Loader:
         return self._orders[epoch]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: (batch_size, context_length) int64 on CPU; y holds the next tokens, -100 where no loss is taken."""
+        """x, y: (micro_batch_size, context_length) int64 on CPU; y holds the next tokens, -100 where no loss
+        is taken."""
         xs, ys = zip(*self._rows(), strict=True)
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
@@ -80,13 +81,15 @@ class _Loader:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": self.kind, "split": self.split, "epoch": self.epoch,
                 "cursor": self.cursor, "seed": self.seed, "shuffle": self.shuffle, "world_size": self.world_size,
-                "batch_size": self.batch_size, "context_length": self.context_length,
+                "micro_batch_size": self.micro_batch_size, "context_length": self.context_length,
                 "manifest_sha256": self.data_sha256}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict. A change that would silently alter the data order is a UserError;
-        another world size is fine while world_size * batch_size stays the same."""
+        another world size is fine while world_size * micro_batch_size stays the same."""
         where = f"cannot resume the {self.split} loader of {self.data_dir}"
+        if "batch_size" in state:  # checkpoints written before the rename
+            state = {**{k: v for k, v in state.items() if k != "batch_size"}, "micro_batch_size": state["batch_size"]}
         now = self.state_dict()
         missing = [key for key in now if key not in state]
         if missing:
@@ -103,11 +106,12 @@ class _Loader:
             if state[key] != now[key]:
                 raise UserError(f"{where}: {key} was {state[key]!r}, now {now[key]!r} ({why}); use the saved value "
                                 "or start the data from the beginning")
-        saved_global = state["world_size"] * state["batch_size"]
-        if saved_global != self.global_batch_size:
-            raise UserError(f"{where}: the global batch was world_size {state['world_size']} x batch_size "
-                            f"{state['batch_size']} = {saved_global} sequences, now {self.world_size} x "
-                            f"{self.batch_size} = {self.global_batch_size}; keep world_size * batch_size equal "
+        saved_global = state["world_size"] * state["micro_batch_size"]
+        if saved_global != self.sequences_per_micro_step:
+            raise UserError(f"{where}: the global batch was world_size {state['world_size']} x micro_batch_size "
+                            f"{state['micro_batch_size']} = {saved_global} sequences, now {self.world_size} x "
+                            f"{self.micro_batch_size} = {self.sequences_per_micro_step}; keep world_size * "
+                            "micro_batch_size equal "
                             "so each step reads the same sequences")
         if not (0 <= state["cursor"] < self._epoch_size() and state["epoch"] >= 0):
             raise UserError(f"{where}: position epoch {state['epoch']}, cursor {state['cursor']} is out of range")
@@ -122,14 +126,14 @@ class _Loader:
 
     def batches_per_epoch(self) -> int:
         """Global steps of next_batch() in one pass over the split (at least 1)."""
-        return max(1, self.rows_per_epoch() // self.global_batch_size)
+        return max(1, self.rows_per_epoch() // self.sequences_per_micro_step)
 
 
 class TextLoader(_Loader):
     """Windows of context_length + 1 tokens, one after another (each starts where the previous one's
     last target is, so every token is a target once) through the epoch's shard order; the stream runs
-    on across shard ends. A global step takes the next world_size * batch_size windows, rank r the
-    r-th group of batch_size; after the last whole window the next epoch starts with the shard order
+    on across shard ends. A global step takes the next world_size * micro_batch_size windows, rank r the
+    r-th group of micro_batch_size; after the last whole window the next epoch starts with the shard order
     reshuffled from (seed, epoch) (shuffle=False: manifest order)."""
     kind = "text"
 
@@ -166,11 +170,11 @@ class TextLoader(_Loader):
 
     def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = []
-        for b in range(self.batch_size):
-            i = self.cursor + self.rank * self.batch_size + b  # window index counted from this epoch's start
+        for b in range(self.micro_batch_size):
+            i = self.cursor + self.rank * self.micro_batch_size + b  # window index counted from this epoch's start
             window = self._window(self.epoch + i // self.windows_per_epoch, i % self.windows_per_epoch)
             rows.append((window[:-1], window[1:]))
-        end = self.cursor + self.global_batch_size
+        end = self.cursor + self.sequences_per_micro_step
         self.epoch += end // self.windows_per_epoch
         self.cursor = end % self.windows_per_epoch
         return rows
@@ -179,7 +183,7 @@ class TextLoader(_Loader):
 class InstructLoader(_Loader):
     """Records in a per-epoch order (a permutation from (seed, epoch), or manifest order without
     shuffle) packed greedily, whole, into rows of context_length + 1 tokens padded with EOT; a row ends
-    at the epoch's end. A global step takes the next world_size * batch_size rows, rank r the r-th group.
+    at the epoch's end. A global step takes the next world_size * micro_batch_size rows, rank r the r-th group.
     Records longer than a row (prepared for a larger context_length) lose their end (truncated_records);
     those whose prompt alone fills a row have nothing to learn and are left out (dropped_records)."""
     kind = "instruct"
@@ -237,9 +241,9 @@ class InstructLoader(_Loader):
         return rows
 
     def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        rows = self._pack(self.global_batch_size)  # every rank packs the whole step: only lengths are read
+        rows = self._pack(self.sequences_per_micro_step)  # every rank packs the whole step: only lengths are read
         out = []
-        for row in rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]:
+        for row in rows[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]:
             records = []
             for j in row:
                 start = int(self._starts[j])
@@ -249,16 +253,53 @@ class InstructLoader(_Loader):
         return out
 
 
-def build_loader(data_dir, split: str, batch_size: int, context_length: int, rank: int, world_size: int,
+def build_loader(data_dir, split: str, micro_batch_size: int, context_length: int, rank: int, world_size: int,
                  seed: int, shuffle: bool = True) -> TextLoader | InstructLoader:
     """The loader for a prepared folder's split, by its manifest's kind (text or instruct)."""
     manifest = load_manifest(data_dir)
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    for name, value in (("batch_size", batch_size), ("context_length", context_length), ("world_size", world_size)):
+    for name, value in (("micro_batch_size", micro_batch_size), ("context_length", context_length),
+                        ("world_size", world_size)):
         if value <= 0:
             raise UserError(f"{name} = {value} is not allowed: a positive integer")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not allowed: 0 <= rank < world_size ({world_size})")
     cls = TextLoader if manifest["kind"] == "text" else InstructLoader
-    return cls(Path(data_dir), manifest, split, batch_size, context_length, rank, world_size, seed, shuffle)
+    return cls(Path(data_dir), manifest, split, micro_batch_size, context_length, rank, world_size, seed, shuffle)
+
+
+class DeviceBatches:
+    """Training batches on the rank's device, the next one read and copied while the device computes:
+    the loop calls next() for a batch, launches its forward, then prefetch(), so reading the shards and
+    the host-to-device copy (pinned memory, non-blocking, on CUDA) overlap the queued device work.
+    state_dict() is the loader's position after the last batch next() returned, never that of the batch
+    waiting in prefetch, so a checkpoint resumes exactly where the consumed batches end."""
+
+    def __init__(self, loader: _Loader, device: torch.device):
+        self.loader, self.device = loader, torch.device(device)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._state_before_pending: dict | None = None
+
+    def prefetch(self) -> None:
+        if self._pending is not None:
+            return
+        self._state_before_pending = self.loader.state_dict()
+        x, y = self.loader.next_batch()
+        if self.device.type == "cuda":
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
+        else:
+            x, y = x.to(self.device), y.to(self.device)
+        self._pending = (x, y)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prefetch()
+        batch, self._pending = self._pending, None
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state_before_pending if self._pending is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = None
+        self.loader.load_state_dict(state)
