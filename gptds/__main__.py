@@ -11,7 +11,12 @@ import json
 import sys
 
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
+from gptds.convert import CONVERSIONS
+from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
 from gptds.errors import UserError
+from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
+from gptds.generate import GenerateConfig, generate_from_checkpoint
+from gptds.train import train
 
 
 def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.ArgumentParser:
@@ -24,7 +29,6 @@ def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.Argume
 
 def _train(job: str):
     def run(args):
-        from gptds.train import train  # imports DeepSpeed: only for the commands that train
         train(run_config_from_flags(job, args))
     return run
 
@@ -46,11 +50,6 @@ def _local_rank(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptds.convert import CONVERSIONS
-    from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
-    from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
-    from gptds.generate import GenerateConfig, generate_from_checkpoint
-
     parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
                                      "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
     _local_rank(parser)

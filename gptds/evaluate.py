@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from gptds import dist
 from gptds.config import flag, require
+from gptds.data.loaders import build_loader
 from gptds.errors import UserError
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode
+from gptds.weights import load_model
 
 BUNDLED_HELLASWAG = ASSETS_DIR / "hellaswag_sample.jsonl"
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # idx (B, T) -> logits (B, T, V)
@@ -131,7 +133,6 @@ class EvaluateConfig:
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     """`gptds evaluate`: HellaSwag (and validation loss with data_dir) of any model path, one process."""
-    from gptds.weights import load_model
     info = dist.init_distributed()
     model = load_model(cfg.checkpoint).to(info.device).eval()
     block = model.config.block_size
@@ -139,7 +140,6 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
                               info.device)
     result["val_loss"] = None
     if cfg.data_dir:
-        from gptds.data.loaders import build_loader
         T = cfg.context_length or block
         if T > block:
             raise UserError(f"--context_length {T} exceeds the model's block_size {block}")

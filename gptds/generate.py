@@ -9,6 +9,7 @@ import torch
 
 from gptds.config import flag, require
 from gptds.tokenizer import EOT_ID, decode, encode
+from gptds.weights import load_model
 
 
 def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
@@ -51,7 +52,6 @@ class GenerateConfig:
 
 def generate_from_checkpoint(cfg: GenerateConfig) -> str:
     """The continuation of cfg.prompt by the model at cfg.checkpoint."""
-    from gptds.weights import load_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.checkpoint).to(device)
     return sample(model, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, device)[0]

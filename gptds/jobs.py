@@ -8,23 +8,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptds.data.instruct import InstructRecord, render_prompt
+from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
 from gptds.tokenizer import ASSETS_DIR
 
 
 def _prepare_demo_text(out: Path, context_length: int) -> None:
-    from gptds.data.prepare import PrepareTextConfig, prepare_text
     prepare_text(PrepareTextConfig(input=[str(ASSETS_DIR / "tinyshakespeare.txt")], output_dir=str(out),
                                    val_fraction=0.1, overwrite=True, num_workers=1))
 
 
 def _prepare_demo_dolly(out: Path, context_length: int) -> None:
-    from gptds.data.prepare import PrepareDollyConfig, prepare_dolly
     prepare_dolly(PrepareDollyConfig(input=[str(ASSETS_DIR / "dolly_sample.jsonl")], output_dir=str(out),
                                      context_length=context_length, overwrite=True, num_workers=1))
 
 
 def _instruction_prompt(question: str) -> str:
-    from gptds.data.instruct import InstructRecord, render_prompt
     return render_prompt(InstructRecord(instruction=question, context="", response=""))
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # Dense bf16/fp16 tensor-core peaks, in FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -43,7 +44,7 @@ class MetricsLogger:
         self.log_dir = Path(log_dir)
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # slow to import (TensorBoard): rank 0 only
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=start_step + 1)
         path = self.log_dir / "metrics.jsonl"
@@ -91,7 +92,6 @@ class Console:
     printed above it; other ranks print nothing."""
 
     def __init__(self, enabled: bool, start: int, total: int, desc: str):
-        from tqdm import tqdm
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not (enabled and sys.stderr.isatty()))

@@ -19,6 +19,7 @@ from gptds.jobs import JOBS
 from gptds.metrics import flops_per_token, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend
 from gptds.staging import check_writable
+from gptds.weights import load_model, read_config
 
 
 @dataclass
@@ -86,7 +87,6 @@ def load_ds_config(run: RunConfig, batch: Batch) -> tuple[Path, dict]:
 def model_config_for(run: RunConfig) -> tuple[GPTConfig, str]:
     """Architecture: the pretrained checkpoint's, else the --model preset's."""
     if run.checkpoint.pretrained_checkpoint:
-        from gptds.weights import read_config
         return read_config(run.checkpoint.pretrained_checkpoint), run.checkpoint.pretrained_checkpoint
     return GPTConfig.from_preset(run.train.model), f"preset {run.train.model!r}"
 
@@ -145,7 +145,6 @@ def set_up(run: RunConfig) -> Session:
     torch.manual_seed(cfg.seed)
     model = GPT(model_config)
     if ck.pretrained_checkpoint and resume_dir is None:
-        from gptds.weights import load_model
         model = load_model(ck.pretrained_checkpoint)
         dist.print0(f"initialised from pretrained weights {ck.pretrained_checkpoint}")
     elif run.job == "finetune" and resume_dir is None:

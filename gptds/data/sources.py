@@ -133,7 +133,7 @@ def iter_json_array(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]
 
 def iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[tuple[dict, str]]:
     """Rows of a parquet file, read a batch of row groups at a time (only `columns`, when given)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only for parquet inputs (and absent from the GPU check machine)
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 (pyarrow raises ArrowInvalid/OSError for files that are not parquet)
@@ -162,7 +162,7 @@ def iter_file_records(path: Path, report: ReadReport, columns: list[str] | None 
 def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool):
     """datasets.load_dataset(name, config, split=split, streaming=streaming). `name` is a hub id
     (databricks/databricks-dolly-15k), a builder (json, parquet) or a local dataset folder."""
-    import datasets
+    import datasets  # only for hub datasets: a heavy import (and absent from the GPU check machine)
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 (datasets raises ConnectionError, FileNotFoundError, ValueError, ...)
