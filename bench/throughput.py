@@ -31,7 +31,7 @@ import torch
 from gptds import dist, engine
 from gptds.config import TrainConfig
 from gptds.metrics import flops_per_token, peak_flops
-from gptds.model import GPT, PRESETS, GPTConfig, attention_backend
+from gptds.model import GPT, PRESETS, GPTConfig, attention_backend, compile_blocks
 
 DS_CONFIG_OF_STAGE = {1: "zero1", 2: "zero2", 3: "zero3"}
 TORCH_LINEAR = torch.nn.functional.linear
@@ -45,14 +45,15 @@ class Setting:
     activation_checkpointing: bool
     stage: int | None = None        # ZeRO stage (deepspeed)
     optimizer: str = "adamw"        # adamw8bit or adamw (the baseline is always fused 32-bit AdamW)
-    compile: bool = False           # torch.compile (baseline only)
+    compile: bool = False           # torch.compile: the whole model (baseline), each block (gptds.model)
 
     @property
     def name(self) -> str:
         ac = "ac" if self.activation_checkpointing else "noac"
+        compiled = "-compile" if self.compile else ""
         if self.kind == "pytorch":
-            return f"pytorch-ddp{'-compile' if self.compile else ''}-{ac}"
-        return f"zero{self.stage}-{self.optimizer}-{ac}"
+            return f"pytorch-ddp{compiled}-{ac}"
+        return f"zero{self.stage}-{self.optimizer}{compiled}-{ac}"
 
 
 # ---------------------------------------------------------------- the two training steps
@@ -119,6 +120,8 @@ def pytorch_step_fn(setting: Setting, model: GPT, args, info, clock: PhaseClock)
 def deepspeed_step_fn(setting: Setting, model: GPT, args, info, clock: PhaseClock, config_dir: Path):
     """gptds: the ds_configs file of the stage (precision set by --dtype, --zero_overrides applied), the
     optimizer gptds.engine builds, deepspeed.initialize through gptds.engine."""
+    if setting.compile:
+        compile_blocks(model)  # as gptds.session does for --compile
     path = common.ds_config_variant(DS_CONFIG_OF_STAGE[setting.stage], args.dtype, config_dir, args.zero_overrides)
     ds_config = common.ds_config_for(path, args.batch_size, info.world_size, setting.optimizer,
                                      TRAIN_DEFAULTS.grad_clip)
@@ -291,8 +294,15 @@ def finish(live: Live, args, info, model_config: GPTConfig) -> dict:
 def settings_from_args(args) -> list[Setting]:
     acs = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    gptds_compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile_gptds]
     out = [Setting("pytorch", ac, compile=c) for ac in acs for c in compiles]
-    out += [Setting("deepspeed", ac, stage=s, optimizer=o) for s in args.stages for o in args.optimizers for ac in acs]
+    out += [Setting("deepspeed", ac, stage=s, optimizer=o, compile=c) for s in args.stages for o in args.optimizers
+            for ac in acs for c in gptds_compiles]
+    if args.rows:
+        unknown = set(args.rows) - {s.name for s in out}
+        if unknown:
+            raise SystemExit(f"--rows: no such row {sorted(unknown)}; the settings give {[s.name for s in out]}")
+        out = [s for s in out if s.name in args.rows]
     return out
 
 
@@ -494,6 +504,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--steps uncontended ones (if not, all count)")
     p.add_argument("--compile", default=None, choices=["on", "off", "both"],
                    help="torch.compile the baseline (default: on for GPUs, off on CPU)")
+    p.add_argument("--compile_gptds", default="off", choices=["on", "off", "both"],
+                   help="the ZeRO rows with gptds's per-block compile (gptds.model.compile_blocks, as --compile)")
+    p.add_argument("--rows", nargs="+", default=None, help="only the rows of these names, e.g. "
+                   "pytorch-ddp-compile-noac zero2-adamw-compile-noac")
     p.add_argument("--no_baseline", action="store_true", help="DeepSpeed rows only (no ratios)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPUs, fp32 on CPU")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: known GPUs only)")

@@ -80,6 +80,12 @@ class TrainConfig:
     optimizer: str = flag("adamw8bit", "adamw8bit: bitsandbytes' fused 8-bit AdamW; adamw: 32-bit AdamW",
                           choices=OPTIMIZERS)
     activation_checkpointing: bool = flag(False, "recompute each block's activations in backward")
+    compile: bool | None = flag(None, "torch.compile each transformer block's training path (omitted: on with "
+                                      "CUDA, off on CPU, where it only costs start-up time); not under ZeRO-3")
+    pad_vocab_to_multiple_of: int | None = flag(None, "store the embedding with its rows padded to a multiple of "
+                                                      "this (64: 50304 rows for GPT-2, faster matmuls; padding is "
+                                                      "storage only); omitted: 64 for a new model, the checkpoint's "
+                                                      "own for a resumed or pretrained one")
     seed: int = flag(1337, "seed for weights, data order and sampling")
     log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here")
     log_interval: int = flag(10, "log training metrics every N steps")
@@ -112,6 +118,8 @@ class TrainConfig:
         require(self.optimizer in OPTIMIZERS, "train", "optimizer", self.optimizer, " or ".join(OPTIMIZERS))
         require(self.model in PRESETS, "train", "model", self.model, ", ".join(PRESETS))
         require(self.peak_tflops >= 0, "train", "peak_tflops", self.peak_tflops, "0 or more")
+        require(self.pad_vocab_to_multiple_of is None or self.pad_vocab_to_multiple_of > 0, "train",
+                "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of, "a positive integer (1: no padding)")
 
 
 @dataclass

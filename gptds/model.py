@@ -1,6 +1,7 @@
-"""GPT-2 in plain PyTorch: the config and its presets, the transformer block, the model, and
-sampling with a KV cache. Parameter names are Hugging Face GPT2LMHeadModel's, so weights map 1:1
-(its Conv1D weights are the transpose of our nn.Linear weights). Nothing here knows DeepSpeed."""
+"""GPT-2 in plain PyTorch: the config and its presets, the transformer block, the model, its loss (a
+cross-entropy that never makes a full-size fp32 copy of bf16 logits), sampling with a KV cache, and
+compiling the blocks' training path. Parameter names are Hugging Face GPT2LMHeadModel's, so weights map
+1:1 (its Conv1D weights are the transpose of our nn.Linear weights). Nothing here knows DeepSpeed."""
 
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ PRESETS: dict[str, dict] = {
 @dataclass
 class GPTConfig:
     block_size: int = 1024        # longest sequence the position embedding covers, in tokens
-    vocab_size: int = 50257       # real vocabulary; logits always have this many columns
+    vocab_size: int = 50257       # real vocabulary; logits, sampling and exports always have this many columns
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True             # GPT-2 has biases in Linear and LayerNorm
     layer_norm_epsilon: float = 1e-5
-    pad_vocab_to_multiple_of: int = 1  # 64 stores 50304 embedding rows (faster matmuls)
+    pad_vocab_to_multiple_of: int = 1  # 64 stores 50304 embedding rows (faster matmuls); padding is storage only
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple_of"):
@@ -157,6 +158,49 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy over the first vocab_size columns of logits (..., V_padded) at targets (...),
+    skipping targets of -100 (as F.cross_entropy's ignore_index; nan when every target is skipped).
+    fp32 logits go to F.cross_entropy. Lower-precision logits are computed in fp32 a chunk of rows at a
+    time and only (rows,) fp32 values are kept for backward, never a full-size fp32 copy of the logits,
+    which for gpt2 at B=16, T=1024 would be 3.3 GB (plus as much again for its gradient)."""
+    logits_2d, targets_1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    if logits.dtype == torch.float32:
+        return F.cross_entropy(logits_2d[:, :vocab_size], targets_1d, ignore_index=-100)
+    return _ChunkedCrossEntropy.apply(logits_2d, targets_1d, vocab_size)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    CHUNK_ROWS = 2048  # rows upcast at a time: 2048 x 50304 x 4 bytes = 412 MB of fp32 at most
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        keep = targets != -100
+        safe_targets = torch.where(keep, targets, 0)
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)  # (N,)
+        for start in range(0, logits.size(0), _ChunkedCrossEntropy.CHUNK_ROWS):
+            rows = slice(start, start + _ChunkedCrossEntropy.CHUNK_ROWS)
+            lse[rows] = torch.logsumexp(logits[rows, :vocab_size].float(), dim=-1)
+        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
+        count = keep.sum()
+        ctx.save_for_backward(logits, safe_targets, keep, lse, count)
+        ctx.vocab_size = vocab_size
+        return ((lse - target_logits) * keep).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, keep, lse, count = ctx.saved_tensors
+        V = ctx.vocab_size
+        grad = torch.zeros_like(logits)  # padding columns get no gradient
+        scale = (grad_out / count) * keep  # (N,): d loss / d row
+        for start in range(0, logits.size(0), _ChunkedCrossEntropy.CHUNK_ROWS):
+            rows = slice(start, start + _ChunkedCrossEntropy.CHUNK_ROWS)
+            probs = torch.exp(logits[rows, :V].float() - lse[rows, None])  # softmax, fp32, one chunk
+            probs[torch.arange(probs.size(0), device=probs.device), targets[rows]] -= 1.0
+            grad[rows, :V] = (probs * scale[rows, None]).to(grad.dtype)
+        return grad, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -209,11 +253,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, V); drop padded rows
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        padded_logits = self.lm_head(x)  # (B, T, padded V): the padding columns are never read
+        loss = None if targets is None else cross_entropy(padded_logits, targets, self.config.vocab_size)
+        return padded_logits[..., :self.config.vocab_size], loss  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -253,3 +295,18 @@ class GPT(nn.Module):
                 cache.pos = 0
                 logits, _ = self(idx[:, -block:], kv_cache=cache)
         return idx
+
+
+def compile_blocks(model: GPT) -> None:
+    """torch.compile each transformer block's training path (torchtitan's way: the blocks are identical,
+    so one graph serves them all, and activation checkpointing wraps the compiled block). Calls with a
+    KV cache (sampling: a new position every call) run the eager block, so sampling never recompiles;
+    evaluation shapes compile once more (dynamic lengths) and no further. The blocks keep their
+    parameter names (nn.Module.compile), so checkpoints are the same with and without it."""
+    for block in model.transformer.h:
+        eager = block.forward
+        compiled = torch.compile(eager)
+
+        def forward(x, kv_cache=None, eager=eager, compiled=compiled):
+            return eager(x, kv_cache) if kv_cache is not None else compiled(x)
+        block.forward = forward

@@ -5,7 +5,7 @@ train.py works with; other jobs (chat, LoRA, RL) build theirs the same way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from gptds.errors import UserError
 from gptds.evaluate import load_hellaswag
 from gptds.jobs import JOBS
 from gptds.metrics import flops_per_token, peak_flops
-from gptds.model import GPT, GPTConfig, attention_backend
+from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
 from gptds.staging import check_writable
 from gptds.weights import load_model, read_config
 
@@ -84,11 +84,34 @@ def load_ds_config(run: RunConfig, batch: Batch) -> tuple[Path, dict]:
     return path, engine.complete_ds_config(path, config, owned, untested_optimizer=run.train.optimizer == "adamw8bit")
 
 
-def model_config_for(run: RunConfig) -> tuple[GPTConfig, str]:
-    """Architecture: the pretrained checkpoint's, else the --model preset's."""
+NEW_MODEL_VOCAB_PADDING = 64  # 50304 rows for GPT-2's 50257 tokens: what the fast peers use
+
+
+def model_config_for(run: RunConfig, resume_meta: dict | None) -> tuple[GPTConfig, str]:
+    """Architecture: the pretrained checkpoint's, else the --model preset's. The vocabulary padding is
+    --pad_vocab_to_multiple_of, else the resumed or pretrained checkpoint's own, else 64."""
+    pad = run.train.pad_vocab_to_multiple_of
+    if pad is None and resume_meta:
+        pad = resume_meta["model_config"].get("pad_vocab_to_multiple_of", 1)
     if run.checkpoint.pretrained_checkpoint:
-        return read_config(run.checkpoint.pretrained_checkpoint), run.checkpoint.pretrained_checkpoint
-    return GPTConfig.from_preset(run.train.model), f"preset {run.train.model!r}"
+        config = read_config(run.checkpoint.pretrained_checkpoint)
+        return replace(config, pad_vocab_to_multiple_of=pad or config.pad_vocab_to_multiple_of), \
+            run.checkpoint.pretrained_checkpoint
+    return (GPTConfig.from_preset(run.train.model, pad_vocab_to_multiple_of=pad or NEW_MODEL_VOCAB_PADDING),
+            f"preset {run.train.model!r}")
+
+
+def compile_wanted(run: RunConfig, device: torch.device, zero_stage: int) -> bool:
+    """--compile, or by default on CUDA; refused under ZeRO-3, whose parameter-gathering hooks (disabled
+    for torch.compile in DeepSpeed) break the graph at every Linear and LayerNorm: nothing would be fused,
+    only compile time spent (DeepSpeed's own DeepCompile is the route there, not wired up in gptds)."""
+    wanted = run.train.compile if run.train.compile is not None else device.type == "cuda"
+    if wanted and zero_stage == 3:
+        if run.train.compile:
+            raise UserError("--compile does not work under ZeRO-3: DeepSpeed's parameter-gathering hooks break "
+                            "the compiled graph at every layer, so nothing is fused; use ZeRO-1/2, or --no-compile")
+        return False
+    return wanted
 
 
 def prepare_demo_data(run: RunConfig) -> Path:
@@ -112,7 +135,11 @@ def set_up(run: RunConfig) -> Session:
     check_writable(run.checkpoint_dir, "--checkpoint_dir")
     ds_config_path, ds_config = load_ds_config(run, batch)
     engine.check_precision_supported(ds_config_path, ds_config)
-    model_config, model_source = model_config_for(run)
+    ck = run.checkpoint
+    resume_dir = checkpoint.resume_target(run.checkpoint_dir, ck)
+    resume_meta = checkpoint.verify(resume_dir) if resume_dir else None
+    model_config, model_source = model_config_for(run, resume_meta)
+    use_compile = compile_wanted(run, info.device, engine.zero_stage(ds_config))
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
@@ -125,9 +152,6 @@ def set_up(run: RunConfig) -> Session:
     if kind != job.data_kind:
         raise UserError(f"{data_dir}: holds {kind!r} data; `gptds {run.job}` needs data from "
                         f"`{job.prepare_command}`")
-    ck = run.checkpoint
-    resume_dir = checkpoint.resume_target(run.checkpoint_dir, ck)
-    resume_meta = checkpoint.verify(resume_dir) if resume_dir else None
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
             "data_dir": str(data_dir), "data_source": train_loader.manifest.get("source"),
             "data_manifest_sha256": manifest_sha256(data_dir), "world_size": info.world_size,
@@ -145,13 +169,15 @@ def set_up(run: RunConfig) -> Session:
     torch.manual_seed(cfg.seed)
     model = GPT(model_config)
     if ck.pretrained_checkpoint and resume_dir is None:
-        model = load_model(ck.pretrained_checkpoint)
+        model = load_model(ck.pretrained_checkpoint, model_config.pad_vocab_to_multiple_of)
         dist.print0(f"initialised from pretrained weights {ck.pretrained_checkpoint}")
     elif run.job == "finetune" and resume_dir is None:
         dist.print0("WARNING: fine-tuning from RANDOM weights: no --pretrained_checkpoint was given. "
                     "Pass a pretraining checkpoint, weights file or Hugging Face GPT-2 folder.")
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(info.device)
+    if use_compile:
+        compile_blocks(model)
     n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
     flops_per_step = flops_per_token(model.num_parameters(exclude_position_embedding=True), model_config.n_layer,
                                      model_config.n_embd, data.context_length) * batch.global_batch_tokens
@@ -172,6 +198,7 @@ def set_up(run: RunConfig) -> Session:
                 f"{meta['precision']} from {ds_config_path}, {info.world_size} rank(s) on {info.device.type}, "
                 f"optimizer {cfg.optimizer}, attention {attention_backend(info.device, dtype)}, "
                 f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
+                f"compile {'on' if use_compile else 'off'}, "
                 f"{batch.global_batch_tokens:,} tokens/step, {max_steps} steps"
                 f"{'' if cfg.max_steps else ' (one epoch)'}, data {data_dir}")
     if getattr(train_loader, "truncated_records", 0):

@@ -7,6 +7,7 @@ HF's Conv1D weights are our nn.Linear weights transposed; nothing is renamed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -38,9 +39,21 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
+def repad_embedding(wte: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """The token embedding with config.padded_vocab_size rows: the vocab_size real rows of `wte` (which
+    may carry another padding), then zero rows. Padding rows are storage only: no logit of theirs is read."""
+    if wte.size(0) == config.padded_vocab_size or wte.size(0) < config.vocab_size:
+        return wte
+    out = wte.new_zeros(config.padded_vocab_size, wte.size(1))
+    out[:config.vocab_size] = wte[:config.vocab_size]
+    return out
+
+
 def model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
     model = GPT(config)
     state_dict = {k: v for k, v in state_dict.items() if k != TIED_KEY}
+    if "transformer.wte.weight" in state_dict:
+        state_dict["transformer.wte.weight"] = repad_embedding(state_dict["transformer.wte.weight"], config)
     expected = set(state_dict_for_saving(model))
     missing, unexpected = expected - set(state_dict), set(state_dict) - expected
     if missing or unexpected:
@@ -357,5 +370,9 @@ def load_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return load_gptds_weights(path)
 
 
-def load_model(path: str | Path) -> GPT:
-    return model_from_state_dict(*load_weights(path))
+def load_model(path: str | Path, pad_vocab_to_multiple_of: int | None = None) -> GPT:
+    """The model at `path`; with pad_vocab_to_multiple_of, its embedding re-padded to that multiple."""
+    config, state_dict = load_weights(path)
+    if pad_vocab_to_multiple_of is not None:
+        config = dataclasses.replace(config, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
+    return model_from_state_dict(config, state_dict)

@@ -107,3 +107,23 @@ def test_search_doubles_then_bisects(monkeypatch, tmp_path, fits, expected_tries
     found = memory.search(args, tmp_path)
     assert tried == expected_tries
     assert found["largest"]["n_layer"] == largest and found["limited_by"] == limited_by
+
+
+def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
+    """bench/gpu_check.sh with GPU_CHECK_DRY_RUN=1: the GPU window's script, on CPU with the tiny model,
+    so that it cannot rot: every step runs (or is skipped by its budget, saying so), none fails, every
+    measured row and the summary of the goals come back as JSON."""
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records}
+    assert steps["environment"]["torch"] and steps["smoke"]["status"] == 0 and steps["gpu_tests"]["status"] == 0
+    assert [r for r in records if r.get("status") not in (None, 0)] == []
+    rows = {r["row"]: r for r in records if r["step"] == "row"}
+    assert {"pytorch-ddp-noac", "zero2-adamw-compile-noac"} <= set(rows)  # the two most valuable rows
+    assert all(r["tokens_per_second"] > 0 for r in rows.values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["goals"]["zero2_compiled_vs_compiled_baseline (>= 1.0)"] > 0 and summary["failed_steps"] == []
+

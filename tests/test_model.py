@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptds.model import GPT, PRESETS, GPTConfig, attention_backend
 
@@ -158,3 +159,40 @@ def test_sampling_is_seeded_and_stops_at_the_stop_token():
 
 def test_attention_backend_is_sdpa_on_cpu():
     assert attention_backend(torch.device("cpu"), torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loss_over_padded_logits_equals_torchs_cross_entropy_on_the_real_columns(dtype):
+    """The loss and its gradient equal F.cross_entropy (in fp32) over the vocab_size real columns; the
+    padding columns get no gradient; ignored targets (-100) count for nothing."""
+    from gptds.model import cross_entropy
+    torch.manual_seed(0)
+    V, padded = 50257, 50304
+    logits = (torch.randn(2, 40, padded) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (2, 40))
+    targets[0, :7] = -100
+    loss = cross_entropy(logits, targets, V)
+    loss.backward()
+    reference_logits = logits.detach().float()[..., :V].requires_grad_()
+    reference = F.cross_entropy(reference_logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+    reference.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded to bf16
+    assert torch.allclose(logits.grad[..., :V].float(), reference_logits.grad, atol=tolerance * 1e-3,
+                          rtol=tolerance)
+    assert not logits.grad[..., V:].any()
+
+
+def test_bf16_loss_keeps_no_full_size_fp32_copy_of_the_logits():
+    """What autograd saves for the bf16 loss: the bf16 logits and per-row fp32 values, never a tensor of
+    the logits' size in fp32 (F.cross_entropy(logits.float()) saves one, twice the bf16 logits)."""
+    from gptds.model import cross_entropy
+    logits = torch.randn(4, 64, 1024, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cross_entropy(logits, torch.randint(0, 1000, (4, 64)), 1000)
+    big_fp32 = [t for t in saved if t.dtype == torch.float32 and t.numel() >= logits.numel() // 2]
+    assert not big_fp32, [tuple(t.shape) for t in big_fp32]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.cross_entropy(logits.float().reshape(-1, 1024), torch.randint(0, 1000, (256,)))
+    assert any(t.dtype == torch.float32 and t.numel() == logits.numel() for t in saved)  # the spy sees it

@@ -141,3 +141,12 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 10.0 - s) for s in range(1, 7)] + \
         [(7, 107.0), (8, 108.0)]
+
+
+def test_compile_under_zero3_is_refused_with_the_reason(tmp_path, capsys):
+    zero3 = tmp_path / "z3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    argv = ["pretrain", "--log_dir", str(tmp_path / "run"), "--model", "tiny", "--deepspeed_config", str(zero3)]
+    assert main([*argv, "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile does not work under ZeRO-3: DeepSpeed's parameter-gathering hooks break" in err, err

@@ -29,6 +29,7 @@ COMMON = ["--model", "tiny", "-B", "4", "-T", "32", "--lr", "1e-2", "--min_lr", 
 MATRIX = [(stage, opt, ac) for stage in (1, 2, 3) for opt in ("adamw8bit", "adamw") for ac in (False, True)]
 OFFLOAD = ["zero2_offload", "zero3_offload"]
 BF16_STEPS = 4
+COMPILED_STEPS = 5
 
 
 def key(stage, opt, ac):
@@ -67,6 +68,14 @@ def runs(tmp_path_factory, text_data, dolly_data, cpu_adam_op):
         first.append(scenario(name, config, flags, steps=BF16_STEPS))
         first.append(scenario(name + "-half", config, flags, log_dir=tmp / f"{name}-resumed", steps=BF16_STEPS // 2))
         second.append(scenario(name + "-resumed", config, flags + ["--auto_resume"], steps=BF16_STEPS))
+    # torch.compile'd blocks (what CUDA runs by default) against the eager run of the same settings
+    first.append(scenario("z2-adamw-compiled", configs[2], ["--optimizer", "adamw", "--compile"], steps=COMPILED_STEPS))
+    first.append(scenario("z1-adamw-compiled-ac", configs[1], ["--optimizer", "adamw", "--compile",
+                                                                "--activation_checkpointing"], steps=COMPILED_STEPS))
+    # a checkpoint from before vocabulary padding (pad 1) resumes without the flag, keeping its own padding
+    pad1 = ["--optimizer", "adamw", "--checkpoint_interval", "2"]
+    first.append(scenario("pad1", configs[2], pad1 + ["--pad_vocab_to_multiple_of", "1"], steps=2))
+    second.append(scenario("pad1", configs[2], pad1 + ["--auto_resume"], steps=4))
     # keep-last-N: saves at 2, 4, 6, 8, keeps 6 and 8; later a partial step_10 must be ignored by auto-resume
     keep = ["--checkpoint_interval", "2", "--keep_last_n_checkpoints", "2"]
     first.append(scenario("keep-last-2", configs[2], keep, steps=8))
@@ -95,7 +104,7 @@ def result(runs, phase, name):
 def plain_pytorch_losses(data_dir, steps: int) -> list[float]:
     """The reference: one process, no DeepSpeed, the same seed, batches of both ranks, optimizer and schedule."""
     torch.manual_seed(7)
-    model = GPT(GPTConfig.from_preset("tiny"))
+    model = GPT(GPTConfig.from_preset("tiny", pad_vocab_to_multiple_of=64))  # a new run's default padding
     loaders = [build_loader(data_dir, "train", 4, 32, rank, 2, seed=7) for rank in (0, 1)]
     opt = torch.optim.AdamW(engine.parameter_groups(model, 0.1), lr=1e-2, betas=engine.ADAM_BETAS, eps=engine.ADAM_EPS)
     out = []
@@ -180,3 +189,25 @@ def test_finetune_starts_from_the_pretrained_weights(runs):
     assert ft["step"] == 4 and ft["val_loss"] is not None
     assert losses(ft)[0] < 10.0 < math.log(50257)  # random weights would start near ln(50257) = 10.8
     assert pretrained_last < 10.0
+
+
+@pytest.mark.parametrize("compiled,eager", [("z2-adamw-compiled", key(2, "adamw", False)),
+                                            ("z1-adamw-compiled-ac", key(1, "adamw", True))])
+def test_compiled_blocks_give_the_eager_losses(runs, compiled, eager):
+    got = losses(result(runs, "first", compiled))
+    assert len(got) == COMPILED_STEPS
+    assert got == pytest.approx(losses(result(runs, "first", eager))[:COMPILED_STEPS], rel=1e-4)
+
+
+def test_new_runs_pad_the_vocabulary_and_old_unpadded_checkpoints_still_resume(runs):
+    from gptds.weights import load_model
+    new = checkpoint.read_meta(checkpoint.find_latest(runs["tmp"] / "keep-last-2" / "checkpoints"))
+    assert new["model_config"]["pad_vocab_to_multiple_of"] == 64
+    resumed = result(runs, "second", "pad1")
+    assert resumed["step"] == 4 and sorted(map(int, resumed["losses"])) == [2, 3]
+    old = checkpoint.read_meta(checkpoint.find_latest(runs["tmp"] / "pad1" / "checkpoints"))
+    assert old["step"] == 4 and old["model_config"]["pad_vocab_to_multiple_of"] == 1
+    for folder in ("keep-last-2", "pad1"):  # padding rows are storage only: every model gives 50257 logits
+        model = load_model(runs["tmp"] / folder / "checkpoints")
+        assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 50257)
+
