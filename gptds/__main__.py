@@ -1,7 +1,8 @@
 """The `gptds` command line: subcommands only, each a typed settings dataclass whose fields are its flags
 (config.add_flags) handed to the function that does the work. User mistakes (UserError) print one line
 and exit 2, without a traceback; so do errors of the machine (OSError: disk full, no permission), with
-exit status 1."""
+exit status 1. Under a launcher the line is printed once, not once per rank (errors.report). Third-party
+notices that do not concern the user are held back unless --verbose or GPTDS_VERBOSE=1 (notices.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import contextlib
 import json
 import sys
 
+from gptds import notices  # first: it holds back notices that the imports below print
+from gptds.cli import ArgumentParser
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
 from gptds.convert import CONVERSIONS
 from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
-from gptds.errors import UserError
+from gptds.errors import UserError, report
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
 from gptds.train import train
@@ -23,6 +26,7 @@ def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.Argume
     """Subcommand `name` whose flags are the fields of dataclass `cls`; run(settings) does the work."""
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     add_flags(p, cls)
+    _verbose(p)
     p.set_defaults(func=lambda args: run(from_flags(cls, args)))
     return p
 
@@ -49,10 +53,17 @@ def _local_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _verbose(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """--verbose before the subcommand or after it (a subcommand's default must not undo the top level's)."""
+    parser.add_argument("--verbose", action="store_true", default=False if top_level else argparse.SUPPRESS,
+                        help=f"also show third-party notices that gptds holds back (or {notices.VERBOSE_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
-                                     "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
+    parser = ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
+                            "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
     _local_rank(parser)
+    _verbose(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
@@ -67,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
         _local_rank(p)
+        _verbose(p)
         p.set_defaults(func=_train(job))
 
     _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
@@ -83,17 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notices.set_verbose(args.verbose)
     try:
         args.func(args)
     except UserError as e:
-        print(f"gptds {args.command}: error: {e}", file=sys.stderr)
+        report(f"gptds {args.command}: error: {e}")
         return 2
     except OSError as e:  # the machine, not a bug: a full disk, a folder without write permission
         where = f"{e.filename}: " if e.filename else ""
-        print(f"gptds {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        report(f"gptds {args.command}: error: {where}{e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        print(f"gptds {args.command}: interrupted", file=sys.stderr)
+        report(f"gptds {args.command}: interrupted")
         return 130
     return 0
 

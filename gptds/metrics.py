@@ -1,6 +1,7 @@
 """Where training metrics go, from rank 0 only: TensorBoard scalars and text, metrics.jsonl (one JSON
 object per logged step, with the same names as the TensorBoard tags, for scripts), and the console (a
-progress bar with ETA on a terminal, plain lines elsewhere). Also the FLOPs estimate behind MFU."""
+progress bar with ETA on a terminal, plain lines elsewhere), and the progress of long evaluations.
+Also the FLOPs estimate behind MFU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,3 +114,45 @@ class Console:
 def hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Count, rate and ETA of a long loop (HellaSwag scoring), so that a minute of work does not look like a
+    hang. By default on stderr, since stdout may be the command's result (`gptds evaluate` prints JSON):
+    redrawn in place on a terminal, a line every interval_s in a log. With `write` (the training console),
+    a line every interval_s through it. Every line but the last is skipped when the loop is that fast."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True,
+                 write: Callable[[str], None] | None = None, interval_s: float | None = None):
+        self.total, self.desc, self.unit, self.enabled, self.write = total, desc, unit, enabled, write
+        self.redraw = write is None and sys.stderr.isatty()
+        self.interval_s = interval_s if interval_s is not None else (0.5 if self.redraw else 10.0)
+        self.n = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.enabled and (self.n >= self.total or now - self.last >= self.interval_s):
+            self.last = now
+            self._show(now)
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.n / elapsed
+        if self.n >= self.total:
+            return f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, done in {hms(elapsed)}"
+        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+        return (f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+                f"eta {hms(eta) if math.isfinite(eta) else '?'}")
+
+    def _show(self, now: float) -> None:
+        text = self.line(now)
+        if self.write is not None:
+            self.write(text)
+        elif self.redraw:
+            sys.stderr.write("\r\033[K" + text + ("\n" if self.n >= self.total else ""))
+            sys.stderr.flush()
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()

@@ -18,7 +18,7 @@ from gptds.config import RunConfig
 from gptds.errors import UserError
 from gptds.evaluate import hellaswag_scores, validation_loss
 from gptds.generate import sample
-from gptds.metrics import Console, MetricsLogger, hms
+from gptds.metrics import Console, MetricsLogger, Progress, hms
 from gptds.session import Session, set_up
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
@@ -185,7 +185,10 @@ def overfitting_warning(before: tuple[float, float] | None, now: tuple[float, fl
 
 def log_hellaswag(s: Session, log: MetricsLogger, console: Console) -> None:
     s.eng.eval()
-    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device)
+    progress = Progress(len(s.hellaswag_items), f"step {s.state.step}: HellaSwag", "items", s.info.is_main,
+                        write=console.write)
+    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device,
+                              progress)
     log.log(s.state.step, {k: v for k, v in scores.items() if k != "n"})
     console.write(f"step {s.state.step}: HellaSwag acc {scores['hellaswag_acc']:.4f} "
                   f"acc_norm {scores['hellaswag_acc_norm']:.4f} (n={scores['n']})")
