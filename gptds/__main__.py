@@ -26,7 +26,7 @@ def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.Argume
     """Subcommand `name` whose flags are the fields of dataclass `cls`; run(settings) does the work."""
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     add_flags(p, cls)
-    _verbose(p)
+    _everywhere_flags(p)
     p.set_defaults(func=lambda args: run(from_flags(cls, args)))
     return p
 
@@ -47,23 +47,20 @@ def _stdout_is_data(fn):
     return run
 
 
-def _local_rank(parser: argparse.ArgumentParser) -> None:
-    """`deepspeed` (without --no_local_rank) and torch.distributed.launch pass --local_rank=N, before the
-    subcommand or after it; the rank's device comes from the LOCAL_RANK environment variable either way."""
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _verbose(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
-    """--verbose before the subcommand or after it (a subcommand's default must not undo the top level's)."""
-    parser.add_argument("--verbose", action="store_true", default=False if top_level else argparse.SUPPRESS,
+def _everywhere_flags(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """Flags taken before the subcommand or after it. --local_rank=N: `deepspeed` (without --no_local_rank)
+    and torch.distributed.launch pass it, before the subcommand or after it; the rank's device comes from the
+    LOCAL_RANK environment variable either way. A subcommand's default must not undo the top level's value."""
+    default = (lambda value: value) if top_level else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=default(None), help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", default=default(False),
                         help=f"also show third-party notices that gptds holds back (or {notices.VERBOSE_ENV}=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
                             "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
-    _local_rank(parser)
-    _verbose(parser, top_level=True)
+    _everywhere_flags(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
@@ -77,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("finetune", "instruction-tune on prepared Dolly data")):
         p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
-        _local_rank(p)
-        _verbose(p)
+        _everywhere_flags(p)
         p.set_defaults(func=_train(job))
 
     _command(sub, "generate", "continue a prompt with a model", GenerateConfig,

@@ -1,13 +1,17 @@
 """Where training metrics go, from rank 0 only: TensorBoard scalars and text, metrics.jsonl (one JSON
-object per logged step, with the same names as the TensorBoard tags, for scripts), and the console (a
+object per logged step, with the same names as the TensorBoard tags, for scripts), Weights & Biases when
+asked (the same names again), and the console (a
 progress bar with ETA on a terminal, plain lines elsewhere), and the progress of long evaluations.
 Also the FLOPs estimate behind MFU."""
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from gptds.errors import UserError
 
 # Dense bf16/fp16 tensor-core peaks, in FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -36,15 +42,28 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def check_wandb_installed() -> None:
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb_project needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)")
+
+
+def new_wandb_run_id() -> str:
+    """A W&B run id, kept in every checkpoint's meta.json so that a resumed run continues the same W&B run."""
+    return secrets.token_hex(4)
+
+
 class MetricsLogger:
-    """log(step, {...}) writes scalars to TensorBoard and a line to metrics.jsonl; no-op off rank 0.
+    """log(step, {...}) writes scalars to TensorBoard and a line to metrics.jsonl (and to W&B when `wandb`
+    is {"project", "id", "config"}); no-op off rank 0.
     A run that starts at start_step (resumed from that checkpoint) first drops what an earlier attempt
     logged after it, the work the kill lost: TensorBoard's purge_step hides those events, and metrics.jsonl
-    is rewritten without those lines, so each step appears once in both."""
+    is rewritten without those lines, so each step appears once in both. W&B keeps a run's steps in order
+    and ignores steps it already has; the resumed run repeats them exactly, so nothing differs."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, start_step: int = 0):
+    def __init__(self, log_dir: str | Path, enabled: bool, start_step: int = 0, wandb: dict | None = None):
         self.enabled = enabled
         self.log_dir = Path(log_dir)
+        self.wandb = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow to import (TensorBoard): rank 0 only
@@ -54,6 +73,9 @@ class MetricsLogger:
         if path.exists():
             _drop_lines_after(path, start_step)
         self.jsonl = open(path, "a")
+        if wandb:
+            self.wandb = _wandb_run(self.log_dir, **wandb)
+            self.wandb_from_step = max(start_step + 1, self.wandb.step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -64,15 +86,29 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None and step >= self.wandb_from_step:
+            self.wandb.log(clean, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled:
             self.tb.add_text(tag, text, step)
+        if self.wandb is not None and step >= self.wandb_from_step:
+            import wandb
+            self.wandb.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(log_dir: Path, project: str, id: str, config: dict):
+    """The W&B run `id` of `project`, created or continued, its local files under log_dir/wandb."""
+    import wandb  # the optional extra: imported by rank 0 of a run with --wandb_project only
+    return wandb.init(project=project, id=id, resume="allow", dir=str(log_dir), config=config,
+                      settings=wandb.Settings(quiet=True))
 
 
 def _drop_lines_after(path: Path, step: int) -> None:

@@ -7,10 +7,13 @@ Each held notice is listed with the reason it does not concern the user; anythin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 VERBOSE_ENV = "GPTDS_VERBOSE"  # "1": show third-party notices too (the same as --verbose)
@@ -90,6 +93,18 @@ def set_verbose(verbose: bool) -> None:
 
 def is_verbose() -> bool:
     return _verbose
+
+
+@contextlib.contextmanager
+def held_output() -> Iterator[None]:
+    """Hold back what third-party code prints (print and progress bars, not logging) inside the block,
+    e.g. DeepSpeed's checkpoint reader announcing each step of its work on every rank; the caller says why
+    the user does not need it. Verbose: it passes."""
+    if _verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 install()

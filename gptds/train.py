@@ -30,11 +30,14 @@ def train(run: RunConfig) -> Session:
     """Set up (every check before any work), then optimizer steps until max_steps or a stop signal."""
     s = set_up(run)
     cfg, state = run.train, s.state
-    log = MetricsLogger(cfg.log_dir, s.info.is_main, state.step)  # created once every check has passed
+    log = MetricsLogger(cfg.log_dir, s.info.is_main, state.step, s.wandb)  # once every check has passed
     console = Console(s.info.is_main, state.step, s.max_steps, run.job)
     stop = StopRequest()
     clock = Clock()
     start_step, last_saved = state.step, state.step
+    if state.step >= s.max_steps:  # e.g. `make demo` again: say so rather than exit without a word
+        console.write(f"{cfg.log_dir}: complete, trained to step {state.step} of {s.max_steps}; nothing to do. "
+                      f"Raise --max_steps to train on, or remove {cfg.log_dir} to start over")
     try:
         while state.step < s.max_steps:
             lr = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or s.max_steps)
