@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_train(job))
 
     _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
-             _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
+             _stdout_is_data(lambda cfg: (cfg.prompt if cfg.echo_prompt else "") + generate_from_checkpoint(cfg)))
     _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
              _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 
