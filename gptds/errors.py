@@ -4,6 +4,7 @@ else is a bug and keeps its traceback.
 Also the reader of the JSON files users hand to gptds, whose errors name the file and where in it, and
 `report`, which prints such a message once per launch however many ranks meet it."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,9 +62,10 @@ def _first_to_report(text: str) -> bool:
     try:
         REPORTS_DIR.mkdir(exist_ok=True)
         now = time.time()
-        for old in REPORTS_DIR.iterdir():  # markers of launches long gone
-            if now - old.stat().st_mtime > REPORT_MARKER_MAX_AGE_S:
-                old.unlink(missing_ok=True)
+        for old in REPORTS_DIR.iterdir():  # markers of launches long gone (another rank may sweep too)
+            with contextlib.suppress(FileNotFoundError):
+                if now - old.stat().st_mtime > REPORT_MARKER_MAX_AGE_S:
+                    old.unlink()
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         fd = os.open(REPORTS_DIR / f"{launch}-{digest}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:

@@ -39,7 +39,7 @@ def harness_logprobs(model, ctx: str, ending: str, max_length: int) -> float:
 @pytest.fixture(scope="module")
 def long_items():
     """The bundled items with their context repeated until every item is longer than the model's context."""
-    items = load_hellaswag(None, limit=4)
+    items = load_hellaswag(None, limit=3)
     for item in items:
         while len(encode(item["ctx"])) < BLOCK + 20:
             item["ctx"] = item["ctx"] + " " + item["ctx"]
@@ -83,17 +83,17 @@ def test_progress_reports_count_rate_and_eta():
 def test_hellaswag_inside_training_counts_every_item_once(model):
     dist.init_distributed()
     lines = []
-    items = load_hellaswag(None, limit=7)
+    items = load_hellaswag(None, limit=3)
     hellaswag_scores(lambda x: model(x)[0], items, BLOCK, torch.device("cpu"),
                      Progress(len(items), "HellaSwag", "items", write=lines.append, interval_s=0))
-    assert [line.split(",")[0] for line in lines] == [f"HellaSwag: {n}/7 items" for n in range(1, 8)]
+    assert [line.split(",")[0] for line in lines] == [f"HellaSwag: {n}/3 items" for n in range(1, 4)]
 
 
 def test_evaluate_shows_progress_on_stderr_and_prints_only_json_on_stdout(model, tmp_path, capsys):
     weights = tmp_path / "model.safetensors"
     save_gptds_weights(model.config, state_dict_for_saving(model).items(), weights)
-    assert main(["evaluate", "--checkpoint", str(weights), "--hellaswag_limit", "6"]) == 0
+    assert main(["evaluate", "--checkpoint", str(weights), "--hellaswag_limit", "3"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)  # stdout is exactly the JSON
-    assert result["n"] == 6
-    assert "HellaSwag: 6/6 items, " in err and " items/s, done in " in err, err
+    assert result["n"] == 3
+    assert "HellaSwag: 3/3 items, " in err and " items/s, done in " in err, err

@@ -153,6 +153,15 @@ def check_demo_console(proc: subprocess.CompletedProcess) -> None:
     assert last and last.group(1) == "What is the capital of France?", proc.stdout
 
 
+def check_plain_launch_console(proc: subprocess.CompletedProcess) -> None:
+    """A launch as the README writes it: the launcher's own lines are there (its two processes announce the
+    accelerator they guessed, and log their set-up), but nothing from the ranks' libraries."""
+    console = proc.stdout + proc.stderr
+    ranks = [line for line in console.splitlines() if not re.search(r"\[(runner|launch|real_accelerator)\.py:", line)]
+    assert not [line for line in ranks if NOISE.search(line)], console
+    assert console.count("Setting accelerator to CPU") <= 2, console  # the launcher's, not the ranks'
+
+
 def test_every_readme_command_runs_as_written_or_is_exempt(tmp_path, monkeypatch, capfd):
     commands = readme_commands()
     unknown = [shlex.join(c) for c in commands if program(c) not in RUNS and " ".join(c) not in EXEMPT]
@@ -182,7 +191,7 @@ def test_every_readme_command_runs_as_written_or_is_exempt(tmp_path, monkeypatch
             if cmd[1] == "evaluate":
                 assert '"hellaswag_acc"' in out and "HellaSwag: 8/8 items" in err, (out, err)
         else:
-            run_process(cmd, tmp_path)
+            check_plain_launch_console(run_process(cmd, tmp_path))
         ran.append(tokens[0] if tokens[0] != "gptds" else f"gptds {tokens[1]}")
     assert ran.count("deepspeed") == 2 and "make" in ran and ran.count("gptds convert") == 4, ran
     assert (tmp_path / "out" / "universal").is_dir() and (tmp_path / "runs" / "gpt2-dolly" / "checkpoints").is_dir()
