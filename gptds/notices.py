@@ -39,10 +39,9 @@ HELD = (
 )
 # Python warnings that DeepSpeed or torch raise on every rank, about their own code.
 HELD_WARNINGS = (
-    (FutureWarning, r"`torch.distributed.all_gather_into_tensor` is deprecated",
-     "raised inside DeepSpeed's ZeRO all-gather; nothing a user can change"),
-    (FutureWarning, r"`torch.distributed.reduce_scatter_tensor` is deprecated",
-     "raised inside DeepSpeed's ZeRO reduce-scatter; nothing a user can change"),
+    (FutureWarning, r"`torch\.distributed\.[\w.]+` (is deprecated|will be deprecated|is a private function)",
+     "torch's deprecations of collectives DeepSpeed's ZeRO calls (all_gather_into_tensor, reduce_scatter_tensor); "
+     "nothing a user can change"),
 )
 
 
