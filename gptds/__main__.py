@@ -1,7 +1,8 @@
 """The `gptds` command line: subcommands only, each a typed settings dataclass whose fields are its flags
 (config.add_flags) handed to the function that does the work. User mistakes (UserError) print one line
 and exit 2, without a traceback; so do errors of the machine (OSError: disk full, no permission), with
-exit status 1."""
+exit status 1. Under a launcher the line is printed once, not once per rank (errors.report). Third-party
+notices that do not concern the user are held back unless --verbose or GPTDS_VERBOSE=1 (notices.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import contextlib
 import json
 import sys
 
+from gptds import notices  # first: it holds back notices that the imports below print
+from gptds.cli import ArgumentParser
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
 from gptds.convert import CONVERSIONS
 from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
-from gptds.errors import UserError
+from gptds.errors import UserError, report
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
 from gptds.train import train
@@ -23,6 +26,7 @@ def _command(subparsers, name: str, help_text: str, cls, run) -> argparse.Argume
     """Subcommand `name` whose flags are the fields of dataclass `cls`; run(settings) does the work."""
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     add_flags(p, cls)
+    _everywhere_flags(p)
     p.set_defaults(func=lambda args: run(from_flags(cls, args)))
     return p
 
@@ -43,16 +47,20 @@ def _stdout_is_data(fn):
     return run
 
 
-def _local_rank(parser: argparse.ArgumentParser) -> None:
-    """`deepspeed` (without --no_local_rank) and torch.distributed.launch pass --local_rank=N, before the
-    subcommand or after it; the rank's device comes from the LOCAL_RANK environment variable either way."""
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+def _everywhere_flags(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """Flags taken before the subcommand or after it. --local_rank=N: `deepspeed` (without --no_local_rank)
+    and torch.distributed.launch pass it, before the subcommand or after it; the rank's device comes from the
+    LOCAL_RANK environment variable either way. A subcommand's default must not undo the top level's value."""
+    default = (lambda value: value) if top_level else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=default(None), help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", default=default(False),
+                        help=f"also show third-party notices that gptds holds back (or {notices.VERBOSE_ENV}=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
-                                     "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
-    _local_rank(parser)
+    parser = ArgumentParser(prog="gptds", description="GPT-2 pretraining and instruction fine-tuning "
+                            "on DeepSpeed ZeRO. `gptds pretrain` with no flags runs the bundled demo.")
+    _everywhere_flags(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="tokenise a corpus or instruction data into shards")
@@ -66,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                            ("finetune", "instruction-tune on prepared Dolly data")):
         p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
-        _local_rank(p)
+        _everywhere_flags(p)
         p.set_defaults(func=_train(job))
 
     _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
-             _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
+             _stdout_is_data(lambda cfg: (cfg.prompt if cfg.echo_prompt else "") + generate_from_checkpoint(cfg)))
     _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
              _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 
@@ -83,17 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notices.set_verbose(args.verbose)
     try:
         args.func(args)
     except UserError as e:
-        print(f"gptds {args.command}: error: {e}", file=sys.stderr)
+        report(f"gptds {args.command}: error: {e}")
         return 2
     except OSError as e:  # the machine, not a bug: a full disk, a folder without write permission
         where = f"{e.filename}: " if e.filename else ""
-        print(f"gptds {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        report(f"gptds {args.command}: error: {where}{e.strerror or e}")
         return 1
     except KeyboardInterrupt:
-        print(f"gptds {args.command}: interrupted", file=sys.stderr)
+        report(f"gptds {args.command}: interrupted")
         return 130
     return 0
 

@@ -88,6 +88,8 @@ class TrainConfig:
                                                       "own for a resumed or pretrained one")
     seed: int = flag(1337, "seed for weights, data order and sampling")
     log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here")
+    wandb_project: str | None = flag(None, "also log to this Weights & Biases project, from rank 0 (needs "
+                                           "`pip install -e .[wandb]`; WANDB_MODE=offline logs without an account)")
     log_interval: int = flag(10, "log training metrics every N steps")
     eval_interval: int = flag(50, "validation loss every N steps (0: never)")
     hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)")

@@ -9,7 +9,6 @@ typed dataclass, its flags generated like every other command's."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +130,27 @@ def zero_to_fp32(cfg: ZeroToFp32Config) -> list[Path]:
     return files
 
 
-def model_card(meta: dict, step_dir: Path) -> str:
+def data_description(meta: dict) -> str:
+    """The training data named without local paths: a hub dataset by its name, local files by file name."""
     source = meta.get("data_source") or {}
+    if source.get("dataset"):
+        return " ".join(str(source[k]) for k in ("dataset", "dataset_config", "dataset_split") if source.get(k))
+    names = [Path(f).name for f in source.get("files") or source.get("inputs") or []]
+    if not names:
+        return Path(meta.get("data_dir") or "unknown").name
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{shown} ({len(names)} file{'s' if len(names) != 1 else ''})"
+
+
+TOKENIZER_CONTRACT = (
+    "Tokenizer: GPT-2 BPE (`<|endoftext|>` = 50256), the same ids as gptds for ordinary text. One difference, "
+    "on purpose: gptds encodes special-token strings typed in text (`<|endoftext|>`) as ordinary characters, "
+    "while this tokenizer keeps transformers' default and turns a registered special-token string in the text "
+    "into the special token. `model_max_length` is the model's context, {block_size} tokens.\n")
+
+
+def model_card(meta: dict, step_dir: Path) -> str:
+    """The model card of a Hugging Face export; it names no local path (the folder may be published)."""
     val = f"{meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "not measured"
     cfg = meta["model_config"]
     return (f"---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n"
@@ -141,10 +159,10 @@ def model_card(meta: dict, step_dir: Path) -> str:
             f"context {cfg['block_size']} tokens\n"
             f"- job: {meta['job']}, {meta['step']} optimizer steps ({meta['precision']}, ZeRO-{meta['zero_stage']}, "
             f"{meta['world_size']} ranks, optimizer {meta['optimizer']})\n"
-            f"- training data: {json.dumps(source) if source else meta.get('data_dir')}\n"
+            f"- training data: {data_description(meta)}\n"
             f"- validation loss at the last evaluation: {val}\n"
-            f"- converted from: {step_dir}\n\n"
-            f"Tokenizer: GPT-2 BPE (`<|endoftext|>` = 50256).\n")
+            f"- converted from checkpoint {step_dir.name}\n\n"
+            + TOKENIZER_CONTRACT.format(block_size=cfg["block_size"]))
 
 
 def zero_to_hf(cfg: ZeroToHfConfig) -> Path:

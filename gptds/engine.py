@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gptds import deepspeed_workarounds as workarounds
+from gptds import notices
 from gptds.errors import UserError, read_json_object
 
 ADAM_BETAS = (0.9, 0.95)
@@ -207,7 +208,9 @@ def lazy_zero_state_dict(step_dir: Path) -> dict:
     rank files are memory-mapped and a tensor is assembled only when asked for, `.contiguous()`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
+        with notices.held_output():  # it prints what it parses and detects, on every rank, to no one's use
+            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name,
+                                                            lazy_mode=True)
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, AssertionError, pickle.UnpicklingError) as e:
         # damaged shards whose sizes still match meta.json fail inside DeepSpeed's reader or torch.load
         raise UserError(f"{step_dir}: DeepSpeed cannot read this checkpoint's shards "

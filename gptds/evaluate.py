@@ -18,6 +18,7 @@ from gptds import dist
 from gptds.config import flag, require
 from gptds.data.loaders import build_loader
 from gptds.errors import UserError
+from gptds.metrics import Progress
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode
 from gptds.weights import load_model
 
@@ -70,14 +71,18 @@ def load_hellaswag(path: str | Path | None, limit: int = 0) -> list[dict]:
 
 
 def hellaswag_rows(item: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (4, L) padded with EOT, and ending_mask (4, L): 1 where the token belongs to the ending."""
+    """tokens (4, L) padded with EOT, and ending_mask (4, L): 1 where the token belongs to the ending. As
+    lm-evaluation-harness does (models/huggingface.py, _loglikelihood_tokens), an item longer than the
+    context keeps its last block_size + 1 tokens, so the model reads block_size of them (the last token is
+    only a target): `(context_enc + continuation_enc)[-(max_length + 1):][:-1]`."""
     ctx = encode(item["ctx"])
     rows, masks = [], []
     for ending in item["endings"]:
         end = encode(" " + ending)
-        row = (ctx + end)[-block_size:]  # long items lose the start of their context
+        row = (ctx + end)[-(block_size + 1):]  # long items lose the start of their context
+        scored = min(len(end), len(row) - 1)  # the first token is never a target
         rows.append(row)
-        masks.append([0] * (len(row) - len(end)) + [1] * len(end))
+        masks.append([0] * (len(row) - scored) + [1] * scored)
     width = max(map(len, rows))
     tokens = torch.full((4, width), EOT_ID, dtype=torch.long)
     mask = torch.zeros((4, width), dtype=torch.long)
@@ -88,8 +93,23 @@ def hellaswag_rows(item: dict, block_size: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def hellaswag_scores(logits_fn: LogitsFn, items: list[dict], block_size: int, device: torch.device) -> dict:
-    """acc and acc_norm over items, split across ranks (each rank scores items[rank::world_size])."""
+def ending_logprobs(logits_fn: LogitsFn, item: dict, block_size: int, device: torch.device) -> tuple[torch.Tensor,
+                                                                                                      torch.Tensor]:
+    """(total, mean): per ending (4,), the summed and the per-token mean log-probability of its tokens."""
+    tokens, mask = hellaswag_rows(item, block_size)
+    tokens, mask = tokens.to(device), mask.to(device)
+    logprobs = F.log_softmax(logits_fn(tokens[:, :-1]).float(), dim=-1)  # (4, L-1, V)
+    token_logprobs = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (4, L-1)
+    target_mask = mask[:, 1:].to(token_logprobs.dtype)
+    total = (token_logprobs * target_mask).sum(dim=1)
+    return total, total / target_mask.sum(dim=1)
+
+
+@torch.no_grad()
+def hellaswag_scores(logits_fn: LogitsFn, items: list[dict], block_size: int, device: torch.device,
+                     progress: Progress | None = None) -> dict:
+    """acc and acc_norm over items, split across ranks (each rank scores items[rank::world_size]).
+    `progress` counts rank 0's items times the world size."""
     info = dist.info()
     per_rank = math.ceil(len(items) / info.world_size)
     mine = items[info.rank::info.world_size]
@@ -97,16 +117,12 @@ def hellaswag_scores(logits_fn: LogitsFn, items: list[dict], block_size: int, de
     for i in range(per_rank):
         real = i < len(mine)
         item = mine[i] if real else items[0]  # a filler forward keeps ZeRO-3 ranks in step
-        tokens, mask = hellaswag_rows(item, block_size)
-        tokens, mask = tokens.to(device), mask.to(device)
-        logprobs = F.log_softmax(logits_fn(tokens[:, :-1]).float(), dim=-1)  # (4, L-1, V)
-        token_logprobs = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (4, L-1)
-        target_mask = mask[:, 1:].to(token_logprobs.dtype)
-        total = (token_logprobs * target_mask).sum(dim=1)
-        mean = total / target_mask.sum(dim=1)
+        total, mean = ending_logprobs(logits_fn, item, block_size, device)
         if real:
             counts += torch.tensor([1.0, float(total.argmax() == item["label"]), float(mean.argmax() == item["label"])],
                                    device=device, dtype=torch.float64)
+        if progress is not None:
+            progress.update(min(info.world_size, len(items) - progress.n))
     n, correct, correct_norm = dist.all_reduce_sum(counts).tolist()
     return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "n": int(n)}
 
@@ -136,8 +152,9 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     info = dist.init_distributed()
     model = load_model(cfg.checkpoint).to(info.device).eval()
     block = model.config.block_size
-    result = hellaswag_scores(lambda x: model(x)[0], load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit), block,
-                              info.device)
+    items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit)
+    result = hellaswag_scores(lambda x: model(x)[0], items, block, info.device,
+                              Progress(len(items), "HellaSwag", "items", enabled=info.is_main))
     result["val_loss"] = None
     if cfg.data_dir:
         T = cfg.context_length or block

@@ -13,7 +13,8 @@ from gptds.weights import load_model
 
 
 def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, seed: int = 1337, device: torch.device | str = "cpu") -> list[str]:
+           top_k: int | None = None, seed: int = 1337, device: torch.device | str = "cpu",
+           repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[str]:
     """The continuation of each prompt (without the prompt), ending before <|endoftext|>."""
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -24,7 +25,8 @@ def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temp
             ids = encode(prompt) or [EOT_ID]
             idx = torch.tensor([ids], dtype=torch.long, device=device)
             tokens = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                                    stop_token=EOT_ID)[0, len(ids):].tolist()
+                                    stop_token=EOT_ID, repetition_penalty=repetition_penalty,
+                                    min_new_tokens=min_new_tokens)[0, len(ids):].tolist()
             if EOT_ID in tokens:
                 tokens = tokens[:tokens.index(EOT_ID)]
             out.append(decode(tokens))
@@ -41,17 +43,26 @@ class GenerateConfig:
     max_new_tokens: int = flag(64, "tokens to generate at most (fewer if <|endoftext|> comes first)")
     temperature: float = flag(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = flag(None, "sample from the k most likely tokens only (omitted: all)")
+    repetition_penalty: float = flag(1.0, "above 1: tokens already in the prompt or the text so far become less "
+                                          "likely (as in transformers; 1: off)")
+    min_new_tokens: int = flag(0, "no <|endoftext|> before this many tokens")
     seed: int = flag(1337, "sampling seed")
+    echo_prompt: bool = flag(True, "print the prompt before its continuation")
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "generate", "max_new_tokens", self.max_new_tokens, "a positive integer")
         require(self.temperature >= 0, "generate", "temperature", self.temperature, "0 (greedy) or more")
         require(self.top_k is None or self.top_k > 0, "generate", "top_k", self.top_k,
                 "a positive integer, or omitted for all tokens")
+        require(self.repetition_penalty > 0, "generate", "repetition_penalty", self.repetition_penalty,
+                "a positive number (1: off)")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "generate", "min_new_tokens", self.min_new_tokens,
+                f"between 0 and --max_new_tokens ({self.max_new_tokens})")
 
 
 def generate_from_checkpoint(cfg: GenerateConfig) -> str:
     """The continuation of cfg.prompt by the model at cfg.checkpoint."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.checkpoint).to(device)
-    return sample(model, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, device)[0]
+    return sample(model, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, device,
+                  cfg.repetition_penalty, cfg.min_new_tokens)[0]

@@ -260,11 +260,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 stop_token: int | None = None) -> torch.Tensor:
+                 stop_token: int | None = None, repetition_penalty: float = 1.0,
+                 min_new_tokens: int = 0) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens, sampling at `temperature` (0 = greedy) from the
         top_k most likely tokens. Rows that emit stop_token are padded with it; generation ends when
         every row has. Inside block_size each new token costs one cached step; beyond it the context
-        slides (the last block_size tokens are re-encoded for each further token)."""
+        slides (the last block_size tokens are re-encoded for each further token).
+        As in transformers: repetition_penalty > 1 makes every token already in the row (prompt or
+        continuation) less likely (positive logits divided by it, negative ones multiplied); stop_token
+        cannot come before min_new_tokens tokens."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         block = self.config.block_size
@@ -272,8 +276,16 @@ class GPT(nn.Module):
         cache = KVCache(self.config, idx.size(0), idx.device, param.dtype)
         logits, _ = self(idx[:, -block:], kv_cache=cache)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        seen = torch.zeros(idx.size(0), logits.size(-1), dtype=torch.bool, device=idx.device)  # (B, V)
+        seen.scatter_(1, idx, True)
+        for step in range(max_new_tokens):
             next_logits = logits[:, -1, :].float()  # (B, V)
+            if repetition_penalty != 1.0:
+                penalised = torch.where(next_logits > 0, next_logits / repetition_penalty,
+                                        next_logits * repetition_penalty)
+                next_logits = torch.where(seen, penalised, next_logits)
+            if stop_token is not None and step < min_new_tokens:
+                next_logits[:, stop_token] = float("-inf")
             if temperature == 0:
                 next_token = next_logits.argmax(dim=-1, keepdim=True)
             else:
@@ -286,6 +298,7 @@ class GPT(nn.Module):
             if stop_token is not None:
                 next_token = next_token.masked_fill(done[:, None], stop_token)
                 done |= next_token[:, 0] == stop_token
+            seen.scatter_(1, next_token, True)
             idx = torch.cat([idx, next_token], dim=1)
             if stop_token is not None and bool(done.all()):
                 break

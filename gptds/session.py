@@ -16,7 +16,7 @@ from gptds.data.loaders import DeviceBatches, build_loader, manifest_sha256
 from gptds.errors import UserError
 from gptds.evaluate import load_hellaswag
 from gptds.jobs import JOBS
-from gptds.metrics import flops_per_token, peak_flops
+from gptds.metrics import check_wandb_installed, flops_per_token, new_wandb_run_id, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
 from gptds.staging import check_writable
 from gptds.weights import load_model, read_config
@@ -63,6 +63,13 @@ class Session:
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
     batches_since_eval: list[float] = field(default_factory=list)  # training losses since the last evaluation
     previous_eval: tuple[float, float] | None = None  # (val_loss, mean training loss before it)
+
+    @property
+    def wandb(self) -> dict | None:
+        """What MetricsLogger needs for W&B (rank 0 of a run with --wandb_project), else None."""
+        if not (self.run.train.wandb_project and "wandb_run_id" in self.meta):
+            return None
+        return {"project": self.run.train.wandb_project, "id": self.meta["wandb_run_id"], "config": self.meta}
 
     @property
     def stateful(self) -> tuple[dict, dict]:
@@ -133,6 +140,8 @@ def set_up(run: RunConfig) -> Session:
 
     check_writable(cfg.log_dir, "--log_dir")
     check_writable(run.checkpoint_dir, "--checkpoint_dir")
+    if cfg.wandb_project:
+        check_wandb_installed()
     ds_config_path, ds_config = load_ds_config(run, batch)
     engine.check_precision_supported(ds_config_path, ds_config)
     ck = run.checkpoint
@@ -157,6 +166,8 @@ def set_up(run: RunConfig) -> Session:
             "data_manifest_sha256": manifest_sha256(data_dir), "world_size": info.world_size,
             "zero_stage": engine.zero_stage(ds_config), "optimizer": cfg.optimizer,
             "precision": engine.precision(ds_config), "kind": "deepspeed"}
+    if cfg.wandb_project and info.is_main:  # a resumed run continues its W&B run
+        meta["wandb_run_id"] = (resume_meta or {}).get("wandb_run_id") or new_wandb_run_id()
     if resume_meta:
         checkpoint.check_resumable(resume_meta, resume_dir, meta)
         if resume_meta.get("kind") == "universal":

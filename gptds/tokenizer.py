@@ -1,6 +1,12 @@
 """The GPT-2 tokenizer: tiktoken's "gpt2" encoding, loaded offline from the BPE file shipped in
 gptds/assets (tiktoken.get_encoding("gpt2") would download it), plus conversion of that file into
-the vocab.json/merges.txt pair that Hugging Face's GPT2Tokenizer reads."""
+the vocab.json/merges.txt pair that Hugging Face's GPT2Tokenizer reads.
+
+The contract for special tokens: gptds encodes text typed by a user as ordinary text, "<|endoftext|>"
+included (a user cannot forge an end of text, or a chat turn); gptds itself inserts the special tokens
+by id. The Hugging Face export keeps transformers' default instead: a registered special-token string in
+the text becomes that special token (what apply_chat_template relies on). Text without special-token
+strings encodes to the same ids both ways."""
 
 from __future__ import annotations
 
@@ -69,9 +75,11 @@ def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes,
     return parts[0], parts[1]
 
 
-def write_hf_tokenizer_files(out_dir: Path) -> None:
+def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
     """Write vocab.json, merges.txt and tokenizer_config.json so that
-    transformers.AutoTokenizer.from_pretrained(out_dir) loads a GPT2Tokenizer that encodes like gptds."""
+    transformers.AutoTokenizer.from_pretrained(out_dir) loads a GPT2Tokenizer that encodes like gptds
+    (apart from special-token strings in the text: see the module docstring). model_max_length is the
+    model's context (block_size): what transformers truncates to."""
     ranks = load_tiktoken_bpe(str(BPE_FILE))
     b2u = _bytes_to_unicode()
     as_unicode = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
@@ -86,7 +94,7 @@ def write_hf_tokenizer_files(out_dir: Path) -> None:
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
         "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))

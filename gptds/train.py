@@ -18,7 +18,7 @@ from gptds.config import RunConfig
 from gptds.errors import UserError
 from gptds.evaluate import hellaswag_scores, validation_loss
 from gptds.generate import sample
-from gptds.metrics import Console, MetricsLogger, hms
+from gptds.metrics import Console, MetricsLogger, Progress, hms
 from gptds.session import Session, set_up
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
@@ -30,11 +30,14 @@ def train(run: RunConfig) -> Session:
     """Set up (every check before any work), then optimizer steps until max_steps or a stop signal."""
     s = set_up(run)
     cfg, state = run.train, s.state
-    log = MetricsLogger(cfg.log_dir, s.info.is_main, state.step)  # created once every check has passed
+    log = MetricsLogger(cfg.log_dir, s.info.is_main, state.step, s.wandb)  # once every check has passed
     console = Console(s.info.is_main, state.step, s.max_steps, run.job)
     stop = StopRequest()
     clock = Clock()
     start_step, last_saved = state.step, state.step
+    if state.step >= s.max_steps:  # e.g. `make demo` again: say so rather than exit without a word
+        console.write(f"{cfg.log_dir}: complete, trained to step {state.step} of {s.max_steps}; nothing to do. "
+                      f"Raise --max_steps to train on, or remove {cfg.log_dir} to start over")
     try:
         while state.step < s.max_steps:
             lr = lr_at(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or s.max_steps)
@@ -185,7 +188,10 @@ def overfitting_warning(before: tuple[float, float] | None, now: tuple[float, fl
 
 def log_hellaswag(s: Session, log: MetricsLogger, console: Console) -> None:
     s.eng.eval()
-    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device)
+    progress = Progress(len(s.hellaswag_items), f"step {s.state.step}: HellaSwag", "items", s.info.is_main,
+                        write=console.write)
+    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device,
+                              progress)
     log.log(s.state.step, {k: v for k, v in scores.items() if k != "n"})
     console.write(f"step {s.state.step}: HellaSwag acc {scores['hellaswag_acc']:.4f} "
                   f"acc_norm {scores['hellaswag_acc_norm']:.4f} (n={scores['n']})")

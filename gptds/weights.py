@@ -278,7 +278,7 @@ def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tens
                               max_shard_bytes=max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
-    write_hf_tokenizer_files(out_dir)
+    write_hf_tokenizer_files(out_dir, config.block_size)
     if model_card:
         (out_dir / "README.md").write_text(model_card)
     return files

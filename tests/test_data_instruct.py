@@ -209,7 +209,10 @@ def test_cli_prepare_dolly(tmp_path):
     assert "records" in result.stdout
 
 
-@pytest.mark.skipif(not SHARED_DOLLY.is_file(), reason="../shared (beside the clone) not present")
+@pytest.mark.skipif(not SHARED_DOLLY.is_file(), reason=(
+    f"optional: needs {SHARED_DOLLY}, 750 records of databricks-dolly-15k (the project's data folder beside the "
+    f"clone; any 750-line Dolly JSONL there will do, e.g. from the Hugging Face dataset databricks/"
+    f"databricks-dolly-15k); the bundled 300-record sample is tested without it"))
 def test_shared_dolly_sample(tmp_path):
     folder = _prepare(tmp_path, input=[str(SHARED_DOLLY)])
     manifest = load_manifest(folder)

@@ -183,7 +183,9 @@ def test_cli_prepare_text(tmp_path, shakespeare_tokens):
     assert again.stderr.strip().splitlines() == [message]
 
 
-@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason="../shared (beside the clone) not present")
+@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason=(
+    f"optional: needs {SHARED_SHAKESPEARE}, tiny Shakespeare in the project's data folder beside the clone "
+    f"(karpathy/char-rnn data/tinyshakespeare/input.txt); it checks that copy against the bundled one"))
 def test_shared_copy_is_the_bundled_one():
     assert SHARED_SHAKESPEARE.read_bytes() == SHAKESPEARE.read_bytes()
     assert np.array_equal(tokenize_pieces(list(iter_text_file(SHARED_SHAKESPEARE, ReadReport())))[0][:10],

@@ -1,9 +1,13 @@
 """The layout the README promises: DeepSpeed imported by engine.py and deepspeed_workarounds.py only, no
-import cycle between gptds modules, and a Layout table that names every module and only paths that exist."""
+import cycle between gptds modules, a Layout table that names every module and only paths that exist, and
+the README's example outputs ignored by git."""
 
 import ast
 import re
+import shutil
+import subprocess
 
+import pytest
 from conftest import ROOT
 
 DEEPSPEED_MODULES = {"gptds/engine.py", "gptds/deepspeed_workarounds.py"}
@@ -69,3 +73,12 @@ def test_the_readme_layout_table_matches_the_tree():
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "gptds").glob("*.py") if p.name != "__init__.py"}
     missing = [m for m in modules if m not in named]
     assert not missing, f"modules missing from the README Layout table: {sorted(missing)}"
+
+
+def test_the_readmes_example_outputs_are_ignored_by_git():
+    """Running the README's commands in a clone (data/..., out/..., runs/...) leaves `git status` clean."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout and git")
+    paths = ["data/mycorpus/manifest.json", "out/gpt2-hf/config.json", "runs/pretrain/metrics.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True).stdout
+    assert ignored.split() == paths
