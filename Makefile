@@ -1,5 +1,6 @@
 # The two commands for a fresh machine (README):
-#   make demo   set up .venv if missing, then pretrain on the bundled text and fine-tune on the bundled Dolly sample
+#   make demo   set up .venv if missing, then pretrain on the bundled text, fine-tune on the bundled conversations
+#               (multi-turn OpenAssistant threads and Dolly records as one-turn chats), and ask the chat model a question
 #   make test   set up .venv if missing, then run the whole test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,15 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # CPU-only machines install the CPU build of torch explicitly: an unpinned torch pulls several GB of CUDA packages.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-# The fine-tuning template (gptds/data/instruct.py), ending with the newline after "### Response:" as in training.
-define DEMO_PROMPT
-### Instruction:
-What is the capital of France?
-
-### Response:
-
-endef
-export DEMO_PROMPT
+DEMO_QUESTION ?= What is the capital of France?
 
 .PHONY: demo test lint setup clean-runs
 
@@ -36,8 +29,7 @@ demo: $(STAMP)
 	$(BIN)/deepspeed --num_gpus $(RANKS) --no_local_rank --module gptds pretrain --auto_resume
 	$(BIN)/deepspeed --num_gpus $(RANKS) --no_local_rank --module gptds finetune --auto_resume \
 		--pretrained_checkpoint runs/pretrain/checkpoints
-	$(BIN)/gptds generate --checkpoint runs/finetune/checkpoints --temperature 0 --max_new_tokens 40 \
-		--prompt "$$DEMO_PROMPT"
+	$(BIN)/gptds chat --checkpoint runs/finetune/checkpoints --message "$(DEMO_QUESTION)" --max_new_tokens 40
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -144,7 +144,11 @@ def model_card(meta: dict, step_dir: Path) -> str:
             f"- training data: {json.dumps(source) if source else meta.get('data_dir')}\n"
             f"- validation loss at the last evaluation: {val}\n"
             f"- converted from: {step_dir}\n\n"
-            f"Tokenizer: GPT-2 BPE (`<|endoftext|>` = 50256).\n")
+            f"Tokenizer: GPT-2 BPE (`<|endoftext|>` = 50256)"
+            + (".\n" if cfg["vocab_size"] < 50259 else
+               ", with ChatML's `<|im_start|>` = 50257 and `<|im_end|>` = 50258: `tokenizer.apply_chat_template("
+               "messages, add_generation_prompt=True)` renders a conversation as the model was trained on it, and "
+               "`generate` stops at `<|im_end|>`.\n"))
 
 
 def zero_to_hf(cfg: ZeroToHfConfig) -> Path:
