@@ -233,7 +233,7 @@ def test_new_runs_pad_the_vocabulary_and_old_unpadded_checkpoints_still_resume(r
 def test_finetuning_on_conversations_learns_the_assistant_turns(runs, stage):
     got = losses(result(runs, "first", f"chat-z{stage}"))
     assert len(got) == CHAT_STEPS and all(math.isfinite(v) for v in got)
-    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.5, got
+    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.25, got
     meta = checkpoint.read_meta(checkpoint.find_latest(runs["tmp"] / f"chat-z{stage}" / "checkpoints"))
     assert meta["model_config"]["vocab_size"] == 50259 and meta["chat_format"] == "chatml"
 
