@@ -1,5 +1,6 @@
 # The two commands for a fresh machine (README):
-#   make demo   set up .venv if missing, then pretrain on the bundled text and fine-tune on the bundled Dolly sample
+#   make demo   set up .venv if missing, then pretrain on the bundled text, fine-tune on the bundled conversations
+#               (multi-turn OpenAssistant threads and Dolly records as one-turn chats), and ask the chat model a question
 #   make test   set up .venv if missing, then run the whole test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,28 +22,20 @@ LAUNCH = DS_ACCELERATOR=$(DS_ACCELERATOR) $(BIN)/deepspeed --log_level error --n
 	$(if $(MASTER_PORT),--master_port $(MASTER_PORT))
 # Extra flags for both training runs, e.g. a quick check: DEMO_FLAGS="--model tiny --max_steps 2".
 DEMO_FLAGS ?=
-# One epoch of the 248 bundled Dolly records moves the mini model towards them only at a pretraining-like learning
+# One epoch of the bundled conversations moves the mini model towards them only at a pretraining-like learning
 # rate: at fine-tuning's default (3e-5, for pretrained GPT-2 sizes) it still answers in Shakespeare's words
-# (measured: validation loss 8.86 at 3e-5, 8.17 at 1e-3, 7.82 after a second epoch at 1e-3).
+# (measured on the Dolly records: validation loss 8.86 at 3e-5, 8.17 at 1e-3).
 DEMO_FINETUNE_FLAGS ?= --lr 1e-3
 # Written when both runs have finished: `make demo` again only shows the answer.
 DEMO_DONE := runs/.demo-complete
 
-# The demo's last stage asks the fine-tuned model a question: the fine-tuning template (gptds/data/instruct.py)
-# around it, ending with the newline after "### Response:" as in training. Sampled, not greedy: a 7M-parameter
-# model trained for minutes repeats "the" or newlines greedily; temperature 0.8 among the 40 likeliest tokens,
-# with tokens already used made less likely and no end of text before 8 tokens, gives words.
+# The demo's last stage asks the chat model a question (`gptds chat --message`, its reply alone on stdout).
+# Sampled, not greedy: a 7M-parameter model trained for minutes repeats a word or newlines greedily; temperature 0.8
+# among the 40 likeliest tokens, with tokens already used made less likely and no end of turn before 8 tokens,
+# gives words.
 DEMO_QUESTION := What is the capital of France?
-define DEMO_PROMPT
-### Instruction:
-$(DEMO_QUESTION)
-
-### Response:
-
-endef
-export DEMO_PROMPT
-DEMO_ANSWER = $(BIN)/gptds generate --checkpoint runs/finetune/checkpoints --no-echo_prompt --max_new_tokens 40 \
-	--temperature 0.8 --top_k 40 --repetition_penalty 1.3 --min_new_tokens 8 --prompt "$$DEMO_PROMPT"
+DEMO_ANSWER = $(BIN)/gptds chat --checkpoint runs/finetune/checkpoints --message "$(DEMO_QUESTION)" \
+	--max_new_tokens 40 --temperature 0.8 --top_k 40 --repetition_penalty 1.3 --min_new_tokens 8
 
 .PHONY: demo test lint setup clean-runs
 
@@ -62,12 +55,12 @@ demo: $(SETUP)
 		set -e; \
 		echo "== 1/3 pretraining on the bundled text: deepspeed --module gptds pretrain (runs/pretrain)"; \
 		$(LAUNCH) --module gptds pretrain --auto_resume $(DEMO_FLAGS); \
-		echo "== 2/3 fine-tuning on the bundled Dolly records: deepspeed --module gptds finetune (runs/finetune)"; \
+		echo "== 2/3 fine-tuning a chat model on the bundled conversations: deepspeed --module gptds finetune (runs/finetune)"; \
 		$(LAUNCH) --module gptds finetune --auto_resume --pretrained_checkpoint runs/pretrain/checkpoints \
 			$(DEMO_FINETUNE_FLAGS) $(DEMO_FLAGS); \
 		touch $(DEMO_DONE); \
 	fi
-	@echo "== 3/3 the fine-tuned model answers a question: gptds generate"
+	@echo "== 3/3 the chat model answers a question: gptds chat"
 	@# The demo's last lines, whatever its last stage: the question, then the answer (leading blanks dropped).
 	@answer=$$($(DEMO_ANSWER)) && printf '\nQuestion: %s\n' "$(DEMO_QUESTION)" && \
 		printf '%s\n' "$$answer" | sed '/./,$$!d' | sed '1s/^[[:space:]]*/Answer:   /; 2,$$s/^/          /'

@@ -12,10 +12,18 @@ import json
 import sys
 
 from gptds import notices  # first: it holds back notices that the imports below print
+from gptds.chat import ChatConfig, chat
 from gptds.cli import ArgumentParser
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
 from gptds.convert import CONVERSIONS
-from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
+from gptds.data.prepare import (
+    PrepareChatConfig,
+    PrepareDollyConfig,
+    PrepareTextConfig,
+    prepare_chat,
+    prepare_dolly,
+    prepare_text,
+)
 from gptds.errors import UserError, report
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
@@ -69,14 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
              prepare_text)
     _command(kinds, "dolly", "databricks-dolly-15k (or Alpaca-layout) instruction records", PrepareDollyConfig,
              prepare_dolly)
+    _command(kinds, "chat", "conversations (OpenAI messages, ShareGPT, or Dolly/Alpaca as one turn) in ChatML",
+             PrepareChatConfig, prepare_chat)
 
-    for job, help_text in (("pretrain", "pretrain on token shards"),
-                           ("finetune", "instruction-tune on prepared Dolly data")):
+    for job, help_text in (("pretrain", "pretrain on token shards (or a mixture of prepared folders)"),
+                           ("finetune", "fine-tune on prepared conversations or instruction records (or a mixture)")):
         p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
         _everywhere_flags(p)
         p.set_defaults(func=_train(job))
 
+    _command(sub, "chat", "talk to a chat model (interactive, or --message for one reply on stdout)", ChatConfig,
+             chat)
     _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
              _stdout_is_data(lambda cfg: (cfg.prompt if cfg.echo_prompt else "") + generate_from_checkpoint(cfg)))
     _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,

@@ -46,8 +46,10 @@ def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
 
 @dataclass
 class DataConfig:
-    data_dir: str | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`); "
-                                      "omitted: the bundled demo data, prepared into <log_dir>/data")
+    data_dir: list[str] | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`), or "
+                                            "several as DIR:WEIGHT ... for a mixture (e.g. data/chat:0.6 "
+                                            "data/dolly:0.3 data/text:0.1); omitted: the bundled demo data, "
+                                            "prepared into <log_dir>/data")
     micro_batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B", aliases=("--batch_size",))
     context_length: int = flag(128, "tokens per sequence", short="-T")
     eval_batches: int = flag(8, "validation batches per rank at each evaluation")

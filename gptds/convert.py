@@ -131,8 +131,11 @@ def zero_to_fp32(cfg: ZeroToFp32Config) -> list[Path]:
 
 
 def data_description(meta: dict) -> str:
-    """The training data named without local paths: a hub dataset by its name, local files by file name."""
+    """The training data named without local paths: a hub dataset by its name, local files by file name; a
+    mixture, each of its components so."""
     source = meta.get("data_source") or {}
+    if isinstance(source, list):
+        return " + ".join(data_description({"data_source": s}) for s in source)
     if source.get("dataset"):
         return " ".join(str(source[k]) for k in ("dataset", "dataset_config", "dataset_split") if source.get(k))
     names = [Path(f).name for f in source.get("files") or source.get("inputs") or []]
@@ -149,6 +152,11 @@ TOKENIZER_CONTRACT = (
     "into the special token. `model_max_length` is the model's context, {block_size} tokens.\n")
 
 
+CHAT_CARD = ("\nChat format: ChatML, `<|im_start|>` = 50257 and `<|im_end|>` = 50258. "
+             "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders a conversation as the "
+             "model was trained on it, and `generate` stops at `<|im_end|>` (generation_config.json).\n")
+
+
 def model_card(meta: dict, step_dir: Path) -> str:
     """The model card of a Hugging Face export; it names no local path (the folder may be published)."""
     val = f"{meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "not measured"
@@ -162,7 +170,8 @@ def model_card(meta: dict, step_dir: Path) -> str:
             f"- training data: {data_description(meta)}\n"
             f"- validation loss at the last evaluation: {val}\n"
             f"- converted from checkpoint {step_dir.name}\n\n"
-            + TOKENIZER_CONTRACT.format(block_size=cfg["block_size"]))
+            + TOKENIZER_CONTRACT.format(block_size=cfg["block_size"])
+            + ("" if cfg.get("vocab_size", 50257) < 50259 else CHAT_CARD))
 
 
 def zero_to_hf(cfg: ZeroToHfConfig) -> Path:

@@ -8,27 +8,30 @@ from dataclasses import dataclass
 import torch
 
 from gptds.config import flag, require
-from gptds.tokenizer import EOT_ID, decode, encode
+from gptds.tokenizer import EOT_ID, IM_END_ID, decode, encode
 from gptds.weights import load_model
 
+STOP_TOKENS = (EOT_ID, IM_END_ID)  # the end of a text, the end of a chat model's turn
 
-def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+
+def sample(model: torch.nn.Module, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, seed: int = 1337, device: torch.device | str = "cpu",
            repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[str]:
-    """The continuation of each prompt (without the prompt), ending before <|endoftext|>."""
+    """The continuation of each prompt, text or token ids (a chat prompt), without the prompt, ending before
+    <|endoftext|> or, from a chat model, <|im_end|>."""
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     out = []
     try:
         for prompt in prompts:
-            ids = encode(prompt) or [EOT_ID]
+            ids = (encode(prompt) if isinstance(prompt, str) else list(prompt)) or [EOT_ID]
             idx = torch.tensor([ids], dtype=torch.long, device=device)
             tokens = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                                    stop_token=EOT_ID, repetition_penalty=repetition_penalty,
+                                    stop_token=STOP_TOKENS, repetition_penalty=repetition_penalty,
                                     min_new_tokens=min_new_tokens)[0, len(ids):].tolist()
-            if EOT_ID in tokens:
-                tokens = tokens[:tokens.index(EOT_ID)]
+            ends = [tokens.index(t) for t in STOP_TOKENS if t in tokens]
+            tokens = tokens[:min(ends)] if ends else tokens
             out.append(decode(tokens))
     finally:
         model.train(was_training)

@@ -122,11 +122,15 @@ class CausalSelfAttention(nn.Module):
                                 v.view(B, T, self.n_head, hd), dropout_p=dropout_p, causal=True)
             return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        mask, causal = None, T > 1
         if kv_cache is not None:
-            # Either a prefill from position 0 (causal over T) or one new token attending to all before it.
-            assert kv_cache.pos == 0 or T == 1, "KV cache takes a prefill at position 0, then one token at a time"
-            k, v = kv_cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hd)
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)  # all keys and values so far: (B, nh, start + T, hd)
+            if start > 0 and T > 1:  # new tokens after cached ones (a chat's next turn): new token i sees
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # 0..start+i
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -168,6 +172,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) 
     if logits.dtype == torch.float32:
         return F.cross_entropy(logits_2d[:, :vocab_size], targets_1d, ignore_index=-100)
     return _ChunkedCrossEntropy.apply(logits_2d, targets_1d, vocab_size)
+
+
+@torch.no_grad()
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The loss at each position (..., ) in fp32, 0 where the target is -100; computed a chunk of rows at a
+    time like cross_entropy, without keeping anything for backward (for per-component logging)."""
+    logits_2d, targets_1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    keep = targets_1d != -100
+    out = torch.zeros(logits_2d.size(0), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits_2d.size(0), _ChunkedCrossEntropy.CHUNK_ROWS):
+        rows = slice(start, start + _ChunkedCrossEntropy.CHUNK_ROWS)
+        chunk = logits_2d[rows, :vocab_size].float()
+        picked = chunk.gather(1, torch.where(keep[rows], targets_1d[rows], 0)[:, None]).squeeze(1)
+        out[rows] = (torch.logsumexp(chunk, dim=-1) - picked) * keep[rows]
+    return out.view(targets.shape)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -260,14 +279,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 stop_token: int | None = None, repetition_penalty: float = 1.0,
+                 stop_token: int | tuple[int, ...] | None = None, repetition_penalty: float = 1.0,
                  min_new_tokens: int = 0) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens, sampling at `temperature` (0 = greedy) from the
-        top_k most likely tokens. Rows that emit stop_token are padded with it; generation ends when
-        every row has. Inside block_size each new token costs one cached step; beyond it the context
-        slides (the last block_size tokens are re-encoded for each further token).
+        top_k most likely tokens. Rows that emit a stop_token (one id, or a tuple of them) are padded with
+        that token; generation ends when every row has. Inside block_size each new token costs one cached
+        step; beyond it the context slides (the last block_size tokens are re-encoded for each further token).
         As in transformers: repetition_penalty > 1 makes every token already in the row (prompt or
-        continuation) less likely (positive logits divided by it, negative ones multiplied); stop_token
+        continuation) less likely (positive logits divided by it, negative ones multiplied); a stop_token
         cannot come before min_new_tokens tokens."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -277,6 +296,7 @@ class GPT(nn.Module):
         logits, _ = self(idx[:, -block:], kv_cache=cache)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         seen = torch.zeros(idx.size(0), logits.size(-1), dtype=torch.bool, device=idx.device)  # (B, V)
+        stops = torch.tensor([] if stop_token is None else stop_token, dtype=torch.long, device=idx.device).reshape(-1)
         seen.scatter_(1, idx, True)
         for step in range(max_new_tokens):
             next_logits = logits[:, -1, :].float()  # (B, V)
@@ -285,7 +305,7 @@ class GPT(nn.Module):
                                         next_logits * repetition_penalty)
                 next_logits = torch.where(seen, penalised, next_logits)
             if stop_token is not None and step < min_new_tokens:
-                next_logits[:, stop_token] = float("-inf")
+                next_logits[:, stops] = float("-inf")
             if temperature == 0:
                 next_token = next_logits.argmax(dim=-1, keepdim=True)
             else:
@@ -296,8 +316,8 @@ class GPT(nn.Module):
                 probs = F.softmax(next_logits, dim=-1)
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator)
             if stop_token is not None:
-                next_token = next_token.masked_fill(done[:, None], stop_token)
-                done |= next_token[:, 0] == stop_token
+                next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # a finished row repeats its stop
+                done |= torch.isin(next_token[:, 0], stops)
             seen.scatter_(1, next_token, True)
             idx = torch.cat([idx, next_token], dim=1)
             if stop_token is not None and bool(done.all()):

@@ -12,13 +12,15 @@ import torch
 
 from gptds import checkpoint, dist, engine
 from gptds.config import Batch, RunConfig, ds_conflict_message, resolve_ds_config_path
-from gptds.data.loaders import DeviceBatches, build_loader, manifest_sha256
+from gptds.data.chat import chat_format_of
+from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data, parse_data_dirs
 from gptds.errors import UserError
 from gptds.evaluate import load_hellaswag
-from gptds.jobs import JOBS
+from gptds.jobs import JOBS, sample_prompts
 from gptds.metrics import check_wandb_installed, flops_per_token, new_wandb_run_id, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
 from gptds.staging import check_writable
+from gptds.tokenizer import CHAT_VOCAB_SIZE
 from gptds.weights import load_model, read_config
 
 
@@ -49,7 +51,7 @@ class Session:
     info: dist.DistInfo
     eng: object                  # the DeepSpeed engine
     batches: DeviceBatches       # training batches on the rank's device
-    val_loader: object
+    data: TrainingData           # the loaders behind them, validation's, a mixture's components
     model_config: GPTConfig
     batch: Batch
     max_steps: int
@@ -152,20 +154,27 @@ def set_up(run: RunConfig) -> Session:
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
-    data_dir = Path(data.data_dir) if data.data_dir else prepare_demo_data(run)
-    train_loader = build_loader(data_dir, "train", data.micro_batch_size, data.context_length, info.rank,
-                                info.world_size, cfg.seed)
-    val_loader = build_loader(data_dir, "val", data.micro_batch_size, data.context_length, info.rank,
-                              info.world_size, cfg.seed, shuffle=False)
-    kind = train_loader.manifest["kind"]
-    if kind != job.data_kind:
-        raise UserError(f"{data_dir}: holds {kind!r} data; `gptds {run.job}` needs data from "
-                        f"`{job.prepare_command}`")
+    specs = parse_data_dirs(data.data_dir) if data.data_dir else [(prepare_demo_data(run), 1.0)]
+    training_data = build_training_data(specs, data.micro_batch_size, data.context_length, info.rank,
+                                        info.world_size, cfg.seed)
+    train_loader = training_data.train
+    (kind,) = training_data.kinds if len(specs) == 1 else (None,)
+    if len(specs) == 1 and kind not in job.data_kinds:
+        raise UserError(f"{specs[0][0]}: holds {kind!r} data; `gptds {run.job}` needs data from "
+                        f"`{job.prepare_command}` (or a mixture: several --data_dir DIR:WEIGHT)")
+    if training_data.vocab_size > model_config.vocab_size:
+        if training_data.vocab_size != CHAT_VOCAB_SIZE:
+            raise UserError(f"{training_data.description}: the data uses {training_data.vocab_size} token ids, the "
+                            f"model ({model_source}) has {model_config.vocab_size}")
+        # conversations bring the ChatML tokens: their embedding rows (tied with the output layer) are added,
+        # initialised from the mean of the existing rows (load_model), and train with the rest
+        model_config = replace(model_config, vocab_size=CHAT_VOCAB_SIZE)
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
-            "data_dir": str(data_dir), "data_source": train_loader.manifest.get("source"),
-            "data_manifest_sha256": manifest_sha256(data_dir), "world_size": info.world_size,
+            "data_dir": training_data.description, "data_source": training_data.source,
+            "data_manifest_sha256": training_data.sha256, "world_size": info.world_size,
             "zero_stage": engine.zero_stage(ds_config), "optimizer": cfg.optimizer,
-            "precision": engine.precision(ds_config), "kind": "deepspeed"}
+            "precision": engine.precision(ds_config), "kind": "deepspeed",
+            "chat_format": chat_format_of(model_config)}
     if cfg.wandb_project and info.is_main:  # a resumed run continues its W&B run
         meta["wandb_run_id"] = (resume_meta or {}).get("wandb_run_id") or new_wandb_run_id()
     if resume_meta:
@@ -180,7 +189,7 @@ def set_up(run: RunConfig) -> Session:
     torch.manual_seed(cfg.seed)
     model = GPT(model_config)
     if ck.pretrained_checkpoint and resume_dir is None:
-        model = load_model(ck.pretrained_checkpoint, model_config.pad_vocab_to_multiple_of)
+        model = load_model(ck.pretrained_checkpoint, model_config.pad_vocab_to_multiple_of, model_config.vocab_size)
         dist.print0(f"initialised from pretrained weights {ck.pretrained_checkpoint}")
     elif run.job == "finetune" and resume_dir is None:
         dist.print0("WARNING: fine-tuning from RANDOM weights: no --pretrained_checkpoint was given. "
@@ -196,9 +205,9 @@ def set_up(run: RunConfig) -> Session:
     eng = engine.initialize(model, optimizer, ds_config)
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (dropout) from here on
 
-    s = Session(run, info, eng, DeviceBatches(train_loader, info.device), val_loader, model_config, batch,
+    s = Session(run, info, eng, DeviceBatches(train_loader, info.device), training_data, model_config, batch,
                 max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag_items,
-                job.sample_prompts())
+                sample_prompts(training_data.kinds))
     if resume_dir is not None:
         s.state.step = s.resumed_from_step = checkpoint.load(eng, resume_dir, *s.stateful)
         s.state.val_loss = s.state.val_loss if s.state.val_loss is not None else resume_meta.get("val_loss")
@@ -211,7 +220,7 @@ def set_up(run: RunConfig) -> Session:
                 f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
                 f"compile {'on' if use_compile else 'off'}, "
                 f"{batch.global_batch_tokens:,} tokens/step, {max_steps} steps"
-                f"{'' if cfg.max_steps else ' (one epoch)'}, data {data_dir}")
+                f"{'' if cfg.max_steps else ' (one epoch)'}, data {training_data.description}")
     if getattr(train_loader, "truncated_records", 0):
         dist.print0(f"WARNING: {train_loader.truncated_records} training records are longer than --context_length "
                     f"{data.context_length} + 1 and are truncated")

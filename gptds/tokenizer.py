@@ -1,12 +1,13 @@
 """The GPT-2 tokenizer: tiktoken's "gpt2" encoding, loaded offline from the BPE file shipped in
-gptds/assets (tiktoken.get_encoding("gpt2") would download it), plus conversion of that file into
-the vocab.json/merges.txt pair that Hugging Face's GPT2Tokenizer reads.
+gptds/assets (tiktoken.get_encoding("gpt2") would download it), with the two ChatML tokens of chat models
+registered after GPT-2's 50,257; plus conversion into the vocab.json/merges.txt pair (and, for chat
+models, the added tokens and chat template) that Hugging Face's tokenizers read.
 
-The contract for special tokens: gptds encodes text typed by a user as ordinary text, "<|endoftext|>"
-included (a user cannot forge an end of text, or a chat turn); gptds itself inserts the special tokens
-by id. The Hugging Face export keeps transformers' default instead: a registered special-token string in
-the text becomes that special token (what apply_chat_template relies on). Text without special-token
-strings encodes to the same ids both ways."""
+The contract for special tokens: gptds encodes text typed by a user as ordinary text, "<|endoftext|>" and
+"<|im_start|>" included (a user cannot forge an end of text, or a chat turn); gptds itself inserts the
+special tokens by id (the chat renderer, gptds/data/chat.py). The Hugging Face export keeps transformers'
+default instead: a registered special-token string in the text becomes that special token (what
+apply_chat_template relies on). Text without special-token strings encodes to the same ids both ways."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
+# ChatML (chosen over nanochat's per-role tokens: two tokens serve every role, and it is the format
+# transformers' chat templates, Axolotl and MiniMind already speak).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+IM_START_ID, IM_END_ID = 50257, 50258
+CHAT_VOCAB_SIZE = 50259
+SPECIAL_TOKENS = {EOT_TOKEN: EOT_ID, IM_START: IM_START_ID, IM_END: IM_END_ID}
 
 
 @functools.cache
@@ -36,13 +43,22 @@ def get_tokenizer() -> tiktoken.Encoding:
     return enc
 
 
+@functools.cache
+def _chat_encoding() -> tiktoken.Encoding:
+    """GPT-2's encoding with the ChatML tokens registered (to decode chat models' output)."""
+    base = get_tokenizer()
+    return tiktoken.Encoding(name="gpt2-chatml", pat_str=PAT_STR, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens=SPECIAL_TOKENS)
+
+
 def encode(text: str) -> list[int]:
     """Token ids of plain text; "<|endoftext|>" inside the text is treated as ordinary characters."""
     return get_tokenizer().encode_ordinary(text)
 
 
 def decode(ids) -> str:
-    return get_tokenizer().decode(list(ids))
+    """Text of token ids; the special tokens as their strings."""
+    return _chat_encoding().decode(list(ids))
 
 
 @functools.cache
@@ -75,11 +91,12 @@ def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes,
     return parts[0], parts[1]
 
 
-def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
+def write_hf_tokenizer_files(out_dir: Path, model_max_length: int, chat_template: str | None = None) -> None:
     """Write vocab.json, merges.txt and tokenizer_config.json so that
     transformers.AutoTokenizer.from_pretrained(out_dir) loads a GPT2Tokenizer that encodes like gptds
     (apart from special-token strings in the text: see the module docstring). model_max_length is the
-    model's context (block_size): what transformers truncates to."""
+    model's context (block_size): what transformers truncates to. With a chat_template (a chat model), the
+    ChatML tokens are registered as special tokens and apply_chat_template gives the ids gptds renders."""
     ranks = load_tiktoken_bpe(str(BPE_FILE))
     b2u = _bytes_to_unicode()
     as_unicode = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
@@ -93,8 +110,15 @@ def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
     out_dir = Path(out_dir)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
-        "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}, indent=2))
+    specials = SPECIAL_TOKENS if chat_template else {EOT_TOKEN: EOT_ID}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+              "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN,
+              "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                "normalized": False, "single_word": False}
+                                       for t, i in specials.items()}}
+    special_map = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    if chat_template:
+        config.update(chat_template=chat_template, additional_special_tokens=[IM_START, IM_END])
+        special_map["additional_special_tokens"] = [IM_START, IM_END]
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))

@@ -19,7 +19,9 @@ from gptds.errors import UserError
 from gptds.evaluate import hellaswag_scores, validation_loss
 from gptds.generate import sample
 from gptds.metrics import Console, MetricsLogger, Progress, hms
+from gptds.model import token_losses
 from gptds.session import Session, set_up
+from gptds.tokenizer import decode
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
 OVERHEAD_WARNING_SHARE = 0.10    # warn when evaluation, samples and checkpoints take more of the wall time...
@@ -51,7 +53,7 @@ def train(run: RunConfig) -> Session:
                 count_bad_step(s, outcome, lr, console)
             last = state.step == s.max_steps
             if outcome.applied and (state.step % cfg.log_interval == 0 or state.step == start_step + 1 or last):
-                log_step(s, log, console, outcome.loss, lr, clock)
+                log_step(s, log, console, outcome, lr, clock)
 
             with clock.other():
                 if outcome.applied:
@@ -87,6 +89,7 @@ class StepOutcome:
     applied: bool          # False: some rank's loss was not finite and the step was skipped on every rank
     bad_ranks: int         # micro-batches with a non-finite loss, summed over ranks
     stop_requested: bool   # some rank received SIGTERM/SIGUSR1
+    component_losses: dict = field(default_factory=dict)  # a mixture's: loss/<component> (token-weighted)
 
 
 def optimizer_step(s: Session, lr: float, stop: StopRequest) -> StepOutcome:
@@ -97,12 +100,18 @@ def optimizer_step(s: Session, lr: float, stop: StopRequest) -> StepOutcome:
     eng, G = s.eng, s.batch.grad_accum_steps
     engine.set_lr(eng, lr)
     eng.train()
-    # finite losses, non-finite count, stop flag, raw losses (nan or inf when some are): summed on the device
-    sums = torch.zeros(4, device=s.info.device, dtype=torch.float32)
+    # finite losses, non-finite count, stop flag, raw losses (nan or inf when some are), then for a mixture
+    # each component's summed token losses and token counts: summed on the device
+    components = len(s.data.components)
+    sums = torch.zeros(4 + 2 * components, device=s.info.device, dtype=torch.float32)
     for micro in range(G):
         x, y = s.batches.next()
-        _, loss = eng(x, y)
+        logits, loss = eng(x, y)
         s.batches.prefetch()  # reads and copies the next batch while the device computes this one
+        if components:
+            per_row = token_losses(logits, y, logits.size(-1))  # (B, T), 0 where no loss is taken
+            sums[4:4 + components].index_add_(0, s.batches.components, per_row.sum(dim=1))
+            sums[4 + components:].index_add_(0, s.batches.components, (y != -100).sum(dim=1).float())
         eng.backward(loss)
         loss = loss.detach().float()
         sums[0] += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -111,10 +120,13 @@ def optimizer_step(s: Session, lr: float, stop: StopRequest) -> StepOutcome:
         if micro < G - 1:
             eng.step()  # not a boundary: DeepSpeed only counts the micro step
     sums[2] = float(stop.signal is not None)
-    loss_sum, bad, stop_flag, raw_sum = dist.all_reduce_sum(sums).tolist()  # the host sync
+    loss_sum, bad, stop_flag, raw_sum, *by_component = dist.all_reduce_sum(sums).tolist()  # the host sync
     engine.optimizer_step(eng, skip=bad > 0)
     n = G * s.info.world_size
-    return StepOutcome(loss_sum / n if bad == 0 else raw_sum / n, bad == 0, int(bad), stop_flag > 0)
+    component_losses = {f"loss/{name}": total / count for (name, _), total, count
+                        in zip(s.data.components, by_component[:components], by_component[components:]) if count}
+    return StepOutcome(loss_sum / n if bad == 0 else raw_sum / n, bad == 0, int(bad), stop_flag > 0,
+                       component_losses)
 
 
 def count_bad_step(s: Session, outcome: StepOutcome, lr: float, console: Console) -> None:
@@ -140,11 +152,11 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: i
 
 # ---------------------------------------------------------------- at intervals
 
-def log_step(s: Session, log: MetricsLogger, console: Console, loss: float, lr: float, clock: Clock) -> None:
+def log_step(s: Session, log: MetricsLogger, console: Console, outcome: StepOutcome, lr: float, clock: Clock) -> None:
     """Training metrics over the steps since the last log line, to TensorBoard/metrics.jsonl and one line
     with ETA. Reading the gradient norm synchronises with the device: done here, not every step."""
-    step, step_time = s.state.step, clock.mean_step_time()
-    metrics = {"loss": loss, "lr": lr, "grad_norm": engine.grad_norm(s.eng),
+    step, step_time, loss = s.state.step, clock.mean_step_time(), outcome.loss
+    metrics = {"loss": loss, **outcome.component_losses, "lr": lr, "grad_norm": engine.grad_norm(s.eng),
                "tokens_per_second": s.batch.global_batch_tokens / step_time, "step_time_ms": 1000 * step_time,
                "mfu": s.flops_per_step / step_time / (s.peak_flops * s.info.world_size) if s.peak_flops else None,
                "skipped_bad_steps": s.state.skipped_bad_steps, "overhead_share": clock.overhead_share(),
@@ -164,11 +176,16 @@ def log_step(s: Session, log: MetricsLogger, console: Console, loss: float, lr: 
 def log_validation(s: Session, log: MetricsLogger, console: Console) -> None:
     """Validation loss and perplexity; warns when validation rises while training loss falls."""
     s.eng.eval()
-    val_loss = validation_loss(lambda x, y: s.eng(x, y)[1], s.val_loader, s.run.data.eval_batches, s.info.device)
+
+    def loss_on(loader) -> float:
+        return validation_loss(lambda x, y: s.eng(x, y)[1], loader, s.run.data.eval_batches, s.info.device)
+    val_loss = loss_on(s.data.val)
+    by_component = {f"val_loss/{name}": loss_on(loader) for name, loader in s.data.components}
     s.state.val_loss = val_loss
     perplexity = math.exp(min(val_loss, 50))
-    log.log(s.state.step, {"val_loss": val_loss, "val_perplexity": perplexity})
-    console.write(f"step {s.state.step}: val_loss {val_loss:.4f} (perplexity {perplexity:.1f})")
+    log.log(s.state.step, {"val_loss": val_loss, "val_perplexity": perplexity, **by_component})
+    console.write(f"step {s.state.step}: val_loss {val_loss:.4f} (perplexity {perplexity:.1f})"
+                  + "".join(f", {k} {v:.4f}" for k, v in by_component.items()))
     mean_train = sum(s.batches_since_eval) / len(s.batches_since_eval)
     warning = overfitting_warning(s.previous_eval, (val_loss, mean_train))
     if warning:
@@ -206,7 +223,7 @@ def log_samples(s: Session, log: MetricsLogger, console: Console) -> None:
     texts = sample(s.eng.module, s.prompts, cfg.generate_max_new_tokens, temperature=0.8, top_k=200,
                    seed=cfg.seed, device=s.info.device)
     if s.info.is_main:
-        body = "\n\n".join(f"[{p}]{t}" for p, t in zip(s.prompts, texts))
+        body = "\n\n".join(f"[{p if isinstance(p, str) else decode(p)}]{t}" for p, t in zip(s.prompts, texts))
         console.write(f"step {step} samples:\n{body}")
         log.text(step, "samples", body)
         with open(Path(cfg.log_dir) / "samples.txt", "a") as f:

@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gptds import checkpoint, engine
+from gptds.data.chat import CHAT_TEMPLATE, chat_format_of
 from gptds.errors import UserError, read_json_object
 from gptds.model import GPT, GPTConfig
-from gptds.tokenizer import write_hf_tokenizer_files
+from gptds.tokenizer import EOT_ID, IM_END_ID, write_hf_tokenizer_files
 
 # Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -39,21 +40,29 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
-def repad_embedding(wte: torch.Tensor, config: GPTConfig) -> torch.Tensor:
-    """The token embedding with config.padded_vocab_size rows: the vocab_size real rows of `wte` (which
-    may carry another padding), then zero rows. Padding rows are storage only: no logit of theirs is read."""
-    if wte.size(0) == config.padded_vocab_size or wte.size(0) < config.vocab_size:
+def resize_embedding(wte: torch.Tensor, source_vocab_size: int, config: GPTConfig) -> torch.Tensor:
+    """The token embedding with config.padded_vocab_size rows: the source's real rows (the first
+    source_vocab_size of `wte`, which may carry another padding), then, when config's vocabulary is larger
+    (the ChatML tokens of a chat model), new rows initialised to the mean of the real ones, then zero rows.
+    Padding rows are storage only: no logit of theirs is read."""
+    if wte.size(0) == config.padded_vocab_size and source_vocab_size == config.vocab_size:
         return wte
+    real = min(source_vocab_size, config.vocab_size, wte.size(0))
     out = wte.new_zeros(config.padded_vocab_size, wte.size(1))
-    out[:config.vocab_size] = wte[:config.vocab_size]
+    out[:real] = wte[:real]
+    out[real:config.vocab_size] = wte[:real].mean(dim=0)
     return out
 
 
-def model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
+def model_from_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor],
+                          source_vocab_size: int | None = None) -> GPT:
+    """A model of `config` holding state_dict; source_vocab_size: the vocabulary the weights were trained
+    with, when config's differs (rows are added) or its padding does."""
     model = GPT(config)
     state_dict = {k: v for k, v in state_dict.items() if k != TIED_KEY}
     if "transformer.wte.weight" in state_dict:
-        state_dict["transformer.wte.weight"] = repad_embedding(state_dict["transformer.wte.weight"], config)
+        state_dict["transformer.wte.weight"] = resize_embedding(
+            state_dict["transformer.wte.weight"], source_vocab_size or config.vocab_size, config)
     expected = set(state_dict_for_saving(model))
     missing, unexpected = expected - set(state_dict), set(state_dict) - expected
     if missing or unexpected:
@@ -277,8 +286,11 @@ def save_hf_directory(config: GPTConfig, tensors: Iterable[tuple[str, torch.Tens
     files = write_safetensors(gptds_to_hf_state_dict(config, tensors), out_dir, {"format": "pt"},
                               max_shard_bytes=max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
-    write_hf_tokenizer_files(out_dir, config.block_size)
+    chat = chat_format_of(config) is not None
+    # generate() stops at the end of text, and a chat model's also at the end of its turn
+    (out_dir / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": EOT_ID, "eos_token_id": [EOT_ID, IM_END_ID] if chat else EOT_ID, "pad_token_id": EOT_ID}))
+    write_hf_tokenizer_files(out_dir, config.block_size, CHAT_TEMPLATE if chat else None)
     if model_card:
         (out_dir / "README.md").write_text(model_card)
     return files
@@ -370,9 +382,11 @@ def load_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return load_gptds_weights(path)
 
 
-def load_model(path: str | Path, pad_vocab_to_multiple_of: int | None = None) -> GPT:
-    """The model at `path`; with pad_vocab_to_multiple_of, its embedding re-padded to that multiple."""
+def load_model(path: str | Path, pad_vocab_to_multiple_of: int | None = None, vocab_size: int | None = None) -> GPT:
+    """The model at `path`; with pad_vocab_to_multiple_of, its embedding re-padded to that multiple; with a
+    larger vocab_size (a GPT-2 model fine-tuned on conversations), the new tokens' rows added."""
     config, state_dict = load_weights(path)
-    if pad_vocab_to_multiple_of is not None:
-        config = dataclasses.replace(config, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
-    return model_from_state_dict(config, state_dict)
+    source_vocab_size = config.vocab_size
+    config = dataclasses.replace(config, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of or
+                                 config.pad_vocab_to_multiple_of, vocab_size=max(vocab_size or 0, config.vocab_size))
+    return model_from_state_dict(config, state_dict, source_vocab_size)

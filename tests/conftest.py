@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from gptds.config import resolve_ds_config_path
-from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
+from gptds.data.prepare import (
+    PrepareChatConfig,
+    PrepareDollyConfig,
+    PrepareTextConfig,
+    prepare_chat,
+    prepare_dolly,
+    prepare_text,
+)
 from gptds.tokenizer import ASSETS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +73,14 @@ def dolly_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "dolly"
     return prepare_dolly(PrepareDollyConfig(input=[str(ASSETS_DIR / "dolly_sample.jsonl")], output_dir=str(out),
                                             context_length=128, num_workers=0))
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """The bundled multi-turn conversations as ChatML shards with loss masks (context 128)."""
+    out = tmp_path_factory.mktemp("data") / "chat"
+    return prepare_chat(PrepareChatConfig(input=[str(ASSETS_DIR / "chat_sample.jsonl")], output_dir=str(out),
+                                          context_length=128, num_workers=0))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -179,7 +179,8 @@ CASES = {
                                  r"manifest_list/manifest\.json: not a gptds manifest"),
     "data: not a dataset": (["pretrain", "--data_dir", IN + "/empty_dir"], r"empty_dir has no manifest\.json"),
     "finetune: text data": (["finetune", "--data_dir", "{text_data}"],
-                            r"holds 'text' data; `gptds finetune` needs data from `gptds prepare dolly`"),
+                            r"holds 'text' data; `gptds finetune` needs data from `gptds prepare chat` or "
+                            r"`gptds prepare dolly`"),
     "finetune: garbage weights": (["finetune", "--pretrained_checkpoint", IN + "/garbage.safetensors"],
                                   r"garbage\.safetensors: not a readable safetensors file, or truncated"),
     "finetune: config without a field": (["finetune", "--pretrained_checkpoint", IN + "/hf_missing_field"],

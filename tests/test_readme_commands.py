@@ -5,8 +5,8 @@ deepspeed nor make command nor exempt fails this test until it is handled.
 The commands run in README order, in one temporary folder (so that `runs/`, `data/` and `out/` are the
 README's relative paths and later commands use what earlier ones wrote), changed only by these rules:
 1. The example inputs exist under the README's names: `my_corpus/` holds the bundled tiny Shakespeare,
-   `databricks-dolly-15k.jsonl` and `hellaswag_val.jsonl` are the bundled samples, and `path/to/hf-gpt2`
-   is the Hugging Face folder that `gptds convert zero-to-hf` wrote (out/gpt2-hf).
+   `databricks-dolly-15k.jsonl`, `conversations.jsonl` and `hellaswag_val.jsonl` are the bundled samples, and
+   `path/to/hf-gpt2` is the Hugging Face folder that `gptds convert zero-to-hf` wrote (out/gpt2-hf).
 2. Optional parts written `[--flag value]` are left out.
 3. deepspeed: `--num_gpus N` becomes 2, and a free `--master_port` is added (tests run side by side).
 4. Training (pretrain, finetune): TINY is appended (argparse takes a flag's last value): the tiny model, a
@@ -15,13 +15,15 @@ README's relative paths and later commands use what earlier ones wrote), changed
    Without a bf16 GPU, `--deepspeed_config zero2` (bf16) becomes its fp32 twin `zero2_fp32` (same ZeRO
    stage; bf16 on a CPU is ~80x slower).
 5. `gptds evaluate` gets `--hellaswag_limit 8`.
-6. `make demo` runs the Makefile's recipe with this suite's virtualenv (VENV=..., SETUP= skips the
+6. The interactive `gptds chat` (no --message) reads "Hello" and "/quit" from its standard input.
+7. `make demo` runs the Makefile's recipe with this suite's virtualenv (VENV=..., SETUP= skips the
    install), DEMO_FLAGS=TINY and a free MASTER_PORT; it runs twice: the second run only says that the runs
    are complete and shows the answer again. Its console is checked for third-party notices too: the
    demo's commands show gptds's lines only.
 gptds commands run in this process through gptds.__main__.main, the function the `gptds` script calls;
 deepspeed and make commands run as processes."""
 
+import io
 import re
 import shlex
 import shutil
@@ -114,7 +116,7 @@ def without_optional_parts(tokens: list[str]) -> list[str]:
 
 
 def rewritten(tokens: list[str]) -> list[str]:
-    """Rules 2 to 5 of the module docstring."""
+    """Rules 2 to 5 of the module docstring (6 is stdin, in the test)."""
     tokens = without_optional_parts(tokens)
     if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         tokens = ["zero2_fp32" if a == "zero2" and b == "--deepspeed_config" else a
@@ -137,6 +139,7 @@ def example_inputs(tmp: Path) -> None:
     (tmp / "my_corpus").mkdir()
     shutil.copy(ASSETS_DIR / "tinyshakespeare.txt", tmp / "my_corpus")
     shutil.copy(ASSETS_DIR / "dolly_sample.jsonl", tmp / "databricks-dolly-15k.jsonl")
+    shutil.copy(ASSETS_DIR / "chat_sample.jsonl", tmp / "conversations.jsonl")
     shutil.copy(ASSETS_DIR / "hellaswag_sample.jsonl", tmp / "hellaswag_val.jsonl")
     (tmp / "path" / "to").mkdir(parents=True)
     (tmp / "path" / "to" / "hf-gpt2").symlink_to(tmp / "out" / "gpt2-hf")
@@ -150,7 +153,7 @@ def run_process(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 
 def run_make_demo(tmp: Path) -> subprocess.CompletedProcess:
-    """Rule 6."""
+    """Rule 7."""
     return run_process(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "demo", f"VENV={VENV}",
                         "SETUP=", f"MASTER_PORT={free_port()}", f"DEMO_FLAGS={shlex.join(TINY)}"], tmp)
 
@@ -192,6 +195,8 @@ def test_every_readme_command_runs_as_written_or_is_exempt(tmp_path, monkeypatch
             assert "deepspeed" not in again.stdout + again.stderr  # nothing trained again
             check_demo_console(again)
         elif cmd[0] == "gptds":
+            if cmd[1] == "chat" and "--message" not in cmd:
+                monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/quit\n"))
             status = main(cmd[1:])
             out, err = capfd.readouterr()
             assert status == 0, f"{shlex.join(cmd)} exited {status}:\n{err[-4000:]}"

@@ -8,6 +8,7 @@
 The matrix runs in two launches of `deepspeed --num_gpus 2` (tests/dist_runner.py): the first runs and
 checkpoints, the second resumes."""
 
+import json
 import math
 
 import pytest
@@ -36,8 +37,11 @@ def key(stage, opt, ac):
     return f"z{stage}-{opt}-{'ac' if ac else 'noac'}"
 
 
+CHAT_STEPS = 8
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_data, dolly_data, cpu_adam_op):
+def runs(tmp_path_factory, text_data, dolly_data, chat_data, cpu_adam_op):
     tmp = tmp_path_factory.mktemp("training")
     configs = {stage: fp32_config(tmp, f"zero{stage}") for stage in (1, 2, 3)}
     configs.update({name: fp32_config(tmp, name) for name in OFFLOAD})
@@ -86,6 +90,19 @@ def runs(tmp_path_factory, text_data, dolly_data, cpu_adam_op):
         "--pretrained_checkpoint", str(tmp / key(2, "adamw", False) / "checkpoints"), "--max_steps", "4",
         "-B", "2", "-T", "128", "--eval_interval", "2", "--eval_batches", "2", "--generate_interval", "0",
         "--log_interval", "1"]})
+    # fine-tuning on conversations from the GPT-2-vocabulary checkpoint (the ChatML rows are added), every stage
+    for stage in (1, 2, 3):
+        first.append({"name": f"chat-z{stage}", "argv": [
+            "finetune", "--data_dir", str(chat_data), "--deepspeed_config", configs[stage], "--log_dir",
+            str(tmp / f"chat-z{stage}"), "--pretrained_checkpoint", str(tmp / key(2, "adamw", False) / "checkpoints"),
+            "--max_steps", str(CHAT_STEPS), "-B", "4", "-T", "128", "--lr", "3e-3", "--warmup_steps", "1",
+            "--optimizer", "adamw", "--eval_interval", "0", "--generate_interval", "0", "--log_interval", "1"]})
+    # a mixture (conversations, instruction records, text) stopped half-way and resumed in new processes
+    mixture = ["--data_dir", f"{chat_data}:0.6", f"{dolly_data}:0.3", f"{text_data}:0.1", "-T", "128",
+               "--eval_interval", "2", "--eval_batches", "1"]
+    first.append(scenario("mixture", configs[2], mixture, steps=6))
+    first.append(scenario("mixture-half", configs[2], mixture, log_dir=tmp / "mixture-resumed", steps=3))
+    second.append(scenario("mixture-resumed", configs[2], mixture + ["--auto_resume"], steps=6))
     results = launch(first, tmp, "first", allow_errors=True)
     checkpoints_after_first = sorted(p.name for p in (tmp / "keep-last-2" / "checkpoints").glob("step_*"))
     partial = tmp / "keep-last-2" / "checkpoints" / "step_00000010"  # as a save killed half-way leaves it
@@ -210,4 +227,23 @@ def test_new_runs_pad_the_vocabulary_and_old_unpadded_checkpoints_still_resume(r
     for folder in ("keep-last-2", "pad1"):  # padding rows are storage only: every model gives 50257 logits
         model = load_model(runs["tmp"] / folder / "checkpoints")
         assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 50257)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_finetuning_on_conversations_learns_the_assistant_turns(runs, stage):
+    got = losses(result(runs, "first", f"chat-z{stage}"))
+    assert len(got) == CHAT_STEPS and all(math.isfinite(v) for v in got)
+    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.25, got
+    meta = checkpoint.read_meta(checkpoint.find_latest(runs["tmp"] / f"chat-z{stage}" / "checkpoints"))
+    assert meta["model_config"]["vocab_size"] == 50259 and meta["chat_format"] == "chatml"
+
+
+def test_a_mixture_logs_each_component_and_resumes_exactly(runs):
+    uninterrupted = losses(result(runs, "first", "mixture"))
+    half, resumed = result(runs, "first", "mixture-half"), result(runs, "second", "mixture-resumed")
+    assert losses(half) + losses(resumed) == uninterrupted  # bit for bit
+    records = [json.loads(line) for line in (runs["tmp"] / "mixture" / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*records)
+    components = {"chat", "dolly", "text"}
+    assert {f"loss/{c}" for c in components} <= logged and {f"val_loss/{c}" for c in components} <= logged
 

@@ -113,18 +113,22 @@ def encode_records(job: tuple[list[InstructRecord], int]) -> list[tuple[EncodedR
 
 # ---------------------------------------------------------------- rows and the loss mask
 
-def pack_row(records: list[tuple[np.ndarray, int]], row_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lay whole records (tokens, prompt_len) end to end in one row of row_len tokens, padded with
-    EOT_ID. Returns the row's tokens (row_len,) int64 and is_target (row_len,) bool: True on the
-    response tokens and end token of a record, False on prompts and padding."""
+def pack_row(records: list[tuple[np.ndarray, int | np.ndarray]], row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay whole records end to end in one row of row_len tokens, padded with EOT_ID. A record is
+    (tokens, prompt_len) for instruction data, or (tokens, per-token target mask) for conversations.
+    Returns the row's tokens (row_len,) int64 and is_target (row_len,) bool: True on the response (or
+    assistant) tokens and end tokens of the records, False on prompts and padding."""
     tokens = np.full(row_len, EOT_ID, dtype=np.int64)
     is_target = np.zeros(row_len, dtype=bool)
     pos = 0
-    for record_tokens, prompt_len in records:
+    for record_tokens, targets in records:
         n = len(record_tokens)
         assert pos + n <= row_len, f"records of {pos + n} tokens do not fit a row of {row_len}"
         tokens[pos:pos + n] = record_tokens
-        is_target[pos + prompt_len:pos + n] = True
+        if isinstance(targets, np.ndarray):
+            is_target[pos:pos + n] = targets[:n].astype(bool)
+        else:
+            is_target[pos + targets:pos + n] = True
         pos += n
     return tokens, is_target
 

@@ -9,6 +9,9 @@ batches an uninterrupted run would have seen, on any world size."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from gptds.data.instruct import pack_row, row_to_xy
 from gptds.data.shards import (
     INDEX_DTYPE,
     MANIFEST_NAME,
+    MASK_DTYPE,
     SPLITS,
     TOKEN_DTYPE,
     data_sha256,
@@ -26,7 +30,8 @@ from gptds.data.shards import (
 )
 from gptds.errors import UserError
 
-__all__ = ["DeviceBatches", "InstructLoader", "TextLoader", "build_loader", "load_manifest", "manifest_sha256"]
+__all__ = ["DeviceBatches", "InstructLoader", "MixtureLoader", "TextLoader", "TrainingData", "build_loader",
+           "build_training_data", "load_manifest", "manifest_sha256", "parse_data_dirs"]
 
 STATE_VERSION = 1
 
@@ -185,16 +190,20 @@ class InstructLoader(_Loader):
     shuffle) packed greedily, whole, into rows of context_length + 1 tokens padded with EOT; a row ends
     at the epoch's end. A global step takes the next world_size * micro_batch_size rows, rank r the r-th group.
     Records longer than a row (prepared for a larger context_length) lose their end (truncated_records);
-    those whose prompt alone fills a row have nothing to learn and are left out (dropped_records)."""
+    those whose prompt alone fills a row have nothing to learn and are left out (dropped_records).
+    Conversations (kind "chat") are packed the same way; their targets come from the per-token mask."""
     kind = "instruct"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._tokens, shard_of, starts, lengths, prompt_lens = [], [], [], [], []
+        self.kind = self.manifest["kind"]
+        self._tokens, self._masks, shard_of, starts, lengths, prompt_lens = [], [], [], [], [], []
         for k, entry in enumerate(self.shards):
             tokens = np.memmap(self.data_dir / entry["file"], dtype=TOKEN_DTYPE, mode="r")
             index = np.fromfile(self.data_dir / entry["index_file"], dtype=INDEX_DTYPE).reshape(-1, 2)
             self._tokens.append(tokens)
+            if "mask_file" in entry:
+                self._masks.append(np.memmap(self.data_dir / entry["mask_file"], dtype=MASK_DTYPE, mode="r"))
             shard_of.append(np.full(len(index), k, dtype=np.int64))
             starts.append(index[:, 0])
             lengths.append(np.diff(np.append(index[:, 0], len(tokens))))  # a record ends where the next starts
@@ -246,9 +255,10 @@ class InstructLoader(_Loader):
         for row in rows[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]:
             records = []
             for j in row:
-                start = int(self._starts[j])
-                records.append((self._tokens[self._shard_of[j]][start:start + self._lengths[j]],
-                                int(self._prompt_lens[j])))
+                start, shard = int(self._starts[j]), self._shard_of[j]
+                span = slice(start, start + self._lengths[j])
+                targets = self._masks[shard][span] if self._masks else int(self._prompt_lens[j])
+                records.append((self._tokens[shard][span], targets))
             out.append(row_to_xy(*pack_row(records, self.context_length + 1)))
         return out
 
@@ -265,7 +275,7 @@ def build_loader(data_dir, split: str, micro_batch_size: int, context_length: in
             raise UserError(f"{name} = {value} is not allowed: a positive integer")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not allowed: 0 <= rank < world_size ({world_size})")
-    cls = TextLoader if manifest["kind"] == "text" else InstructLoader
+    cls = TextLoader if manifest["kind"] == "text" else InstructLoader  # instruct and chat
     return cls(Path(data_dir), manifest, split, micro_batch_size, context_length, rank, world_size, seed, shuffle)
 
 
@@ -279,13 +289,17 @@ class DeviceBatches:
     def __init__(self, loader: _Loader, device: torch.device):
         self.loader, self.device = loader, torch.device(device)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_components = None
         self._state_before_pending: dict | None = None
+        self.components: torch.Tensor | None = None  # of a mixture: each row's component, of the last batch
 
     def prefetch(self) -> None:
         if self._pending is not None:
             return
         self._state_before_pending = self.loader.state_dict()
         x, y = self.loader.next_batch()
+        components = getattr(self.loader, "last_components", None)
+        self._pending_components = None if components is None else torch.from_numpy(components).to(self.device)
         if self.device.type == "cuda":
             x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         else:
@@ -295,6 +309,7 @@ class DeviceBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.prefetch()
         batch, self._pending = self._pending, None
+        self.components = self._pending_components
         return batch
 
     def state_dict(self) -> dict:
@@ -303,3 +318,141 @@ class DeviceBatches:
     def load_state_dict(self, state: dict) -> None:
         self._pending = None
         self.loader.load_state_dict(state)
+
+
+class MixtureLoader:
+    """Several prepared folders mixed by weight (nanochat's mid-training mixture). Each of the W*B sequences
+    of a global micro step comes from component c with probability weight_c, drawn from (seed, step), so
+    every rank sees the same assignment; each component streams its rows as a one-rank, one-row loader
+    would (text windows, packed records or conversations), and rank r keeps its B rows of the step. Every
+    rank reads the whole step's rows (a few hundred thousand tokens for a large global batch: negligible
+    beside the forward). Deterministic for a seed, and exactly resumable: the state is the step count and
+    every component's position."""
+
+    def __init__(self, components: list[tuple[Path, float]], split: str, micro_batch_size: int,
+                 context_length: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        self.names = component_names([path for path, _ in components])
+        self.loaders = [build_loader(path, split, 1, context_length, 0, 1, seed + i, shuffle)
+                        for i, (path, _) in enumerate(components)]
+        weights = np.array([w for _, w in components], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.split, self.seed = split, seed
+        self.micro_batch_size, self.context_length, self.rank, self.world_size = (micro_batch_size, context_length,
+                                                                                  rank, world_size)
+        self.manifest = {"kind": "mixture", "components": [loader.manifest.get("kind") for loader in self.loaders]}
+        self.truncated_records = sum(getattr(loader, "truncated_records", 0) for loader in self.loaders)
+        self.steps = 0
+        self.last_components = np.zeros(micro_batch_size, dtype=np.int64)
+
+    @property
+    def sequences_per_micro_step(self) -> int:
+        return self.world_size * self.micro_batch_size
+
+    def components_of_step(self, step: int) -> np.ndarray:
+        """The component of each of the step's W*B sequences (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.choice(len(self.weights), size=self.sequences_per_micro_step, p=self.weights)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (micro_batch_size, context_length) int64 on CPU; last_components: each row's component."""
+        xs, ys, mine = [], [], []
+        lo, hi = self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size
+        for i, c in enumerate(self.components_of_step(self.steps)):
+            x, y = self.loaders[c].next_batch()
+            if lo <= i < hi:
+                xs.append(x[0])
+                ys.append(y[0])
+                mine.append(c)
+        self.steps += 1
+        self.last_components = np.array(mine, dtype=np.int64)
+        return torch.stack(xs), torch.stack(ys)
+
+    def reset(self) -> None:
+        self.steps = 0
+        for loader in self.loaders:
+            loader.reset()
+
+    def batches_per_epoch(self) -> int:
+        """Global micro steps until the first component's epoch ends, at the expected rates."""
+        rows = min(loader.rows_per_epoch() / w for loader, w in zip(self.loaders, self.weights) if w > 0)
+        return max(1, int(rows) // self.sequences_per_micro_step)
+
+    def state_dict(self) -> dict:
+        return {"kind": "mixture", "steps": self.steps, "seed": self.seed, "weights": self.weights.tolist(),
+                "sequences_per_micro_step": self.sequences_per_micro_step,
+                "components": [loader.state_dict() for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        where = f"cannot resume the {self.split} data mixture"
+        if state.get("kind") != "mixture" or len(state.get("components", [])) != len(self.loaders):
+            raise UserError(f"{where}: the saved data position is not of a mixture of {len(self.loaders)} folders")
+        for key, why in (("seed", "the seed decides the draws"), ("sequences_per_micro_step",
+                                                                  "the draws are per global micro step")):
+            if state[key] != self.state_dict()[key]:
+                raise UserError(f"{where}: {key} was {state[key]!r}, now {self.state_dict()[key]!r} ({why})")
+        if not np.allclose(state["weights"], self.weights):
+            raise UserError(f"{where}: the weights were {state['weights']}, now {self.weights.tolist()}")
+        for loader, component in zip(self.loaders, state["components"]):
+            loader.load_state_dict(component)
+        self.steps = int(state["steps"])
+
+
+def component_names(paths: list[Path]) -> list[str]:
+    """Short, unique names of mixture components for logs (loss/<name>): the folder names."""
+    names = []
+    for path in paths:
+        name = Path(path).name or str(path)
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def parse_data_dirs(specs: list[str]) -> list[tuple[Path, float]]:
+    """--data_dir DIR[:WEIGHT] ...: the folders and their mixture weights (1 each when not given)."""
+    out = []
+    for spec in specs:
+        path, _, weight = spec.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            path, value = spec, 1.0
+        if not path or not np.isfinite(value) or value <= 0:
+            raise UserError(f"--data_dir {spec!r}: the form is DIR or DIR:WEIGHT with a positive WEIGHT")
+        out.append((Path(path), value))
+    if len({p.resolve() for p, _ in out}) != len(out):
+        raise UserError(f"--data_dir names a folder twice: {' '.join(specs)}")
+    return out
+
+
+@dataclass
+class TrainingData:
+    """What a run trains and validates on: one prepared folder, or a weighted mixture of several."""
+    train: TextLoader | InstructLoader | MixtureLoader
+    val: TextLoader | InstructLoader | MixtureLoader
+    components: list[tuple[str, TextLoader | InstructLoader]]  # a mixture's own val loaders, by name
+    kinds: set[str]            # the manifest kinds in use
+    vocab_size: int            # the largest vocabulary the data uses (chat data: with the ChatML tokens)
+    sha256: str                # of the data-defining manifests (and weights): what a resume must match
+    description: str          # for the banner and meta.json
+    source: object             # the manifest's "source" (one folder), or each folder's
+
+
+def build_training_data(specs: list[tuple[Path, float]], micro_batch_size: int, context_length: int, rank: int,
+                        world_size: int, seed: int) -> TrainingData:
+    args = (micro_batch_size, context_length, rank, world_size, seed)
+    if len(specs) == 1:
+        (path, _), = specs
+        train = build_loader(path, "train", *args)
+        val = build_loader(path, "val", *args, shuffle=False)
+        manifest = train.manifest
+        return TrainingData(train, val, [], {manifest["kind"]}, manifest["vocab_size"], manifest_sha256(path),
+                            str(path), manifest.get("source"))
+    train = MixtureLoader(specs, "train", *args)
+    val = MixtureLoader(specs, "val", *args, shuffle=False)
+    components = [(name, build_loader(path, "val", *args, shuffle=False))
+                  for name, (path, _) in zip(train.names, specs)]
+    manifests = [loader.manifest for loader in train.loaders]
+    weights = [w for _, w in specs]
+    sha = hashlib.sha256(json.dumps([[manifest_sha256(p), w / sum(weights)] for p, w in specs]).encode()).hexdigest()
+    return TrainingData(train, val, components, {m["kind"] for m in manifests}, max(m["vocab_size"] for m in manifests),
+                        sha, " + ".join(f"{p}:{w / sum(weights):.2f}" for p, w in specs),
+                        [m.get("source") for m in manifests])

@@ -1,6 +1,7 @@
-"""`gptds prepare text` and `gptds prepare dolly`: their settings (PrepareTextConfig, PrepareDollyConfig)
-and the two pipelines, which stream inputs through tokeniser processes into uint16 shards and a manifest
-(formats in shards.py; instruction records are stored as tokens plus an index of (start, prompt_len))."""
+"""`gptds prepare text`, `gptds prepare dolly` and `gptds prepare chat`: their settings (PrepareTextConfig,
+PrepareDollyConfig, PrepareChatConfig) and the pipelines, which stream inputs through tokeniser processes
+into uint16 shards and a manifest (formats in shards.py; instruction records and conversations are stored
+as tokens plus an index of (start, prompt_len), conversations also with a per-token loss mask)."""
 # ruff: noqa: RUF009  (gptds.config.flag returns a dataclasses.field, as in gptds.config)
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import numpy as np
 from tqdm import tqdm
 
 from gptds.config import flag, require
+from gptds.data.chat import (
+    CHAT_FORMAT,
+    CHAT_LAYOUTS,
+    CHAT_TEMPLATE,
+    conversation_from_fields,
+    detect_chat_layout,
+    encode_conversations,
+)
 from gptds.data.instruct import (
     TEMPLATE,
     TEMPLATE_NO_INPUT,
-    InstructRecord,
     detect_layout,
     encode_records,
     record_from_fields,
@@ -42,7 +50,7 @@ from gptds.data.sources import (
 )
 from gptds.errors import UserError
 from gptds.staging import staged_dir
-from gptds.tokenizer import EOT_ID, VOCAB_SIZE
+from gptds.tokenizer import CHAT_VOCAB_SIZE, EOT_ID, VOCAB_SIZE
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 INSTRUCT_FORMATS = ("auto", "dolly", "alpaca")
@@ -105,6 +113,35 @@ class PrepareDollyConfig:
         require(0 < self.val_fraction < 1, "prepare_dolly", "val_fraction", self.val_fraction, "a number in (0, 1)")
 
 
+@dataclass
+class PrepareChatConfig:
+    input: list[str] | None = flag(None, ".jsonl/.json/.parquet files (or folders of them) of conversations: "
+                                         "OpenAI {\"messages\": [{\"role\", \"content\"}]}, ShareGPT "
+                                         "{\"conversations\": [{\"from\", \"value\"}]}, or Dolly/Alpaca records "
+                                         "(one-turn conversations)")
+    dataset: str | None = flag(None, "instead of --input: a Hugging Face dataset of conversations")
+    dataset_config: str | None = flag(None, "the dataset's configuration name")
+    dataset_split: str = flag("train", "the dataset split to read")
+    streaming: bool = flag(True, "stream the dataset rather than download it whole first")
+    format: str = flag("auto", "record layout: openai, sharegpt, dolly, alpaca, or auto: from the first record",
+                       choices=CHAT_LAYOUTS)
+    output_dir: str = flag("data/chat", "folder for the shards, masks and manifest.json")
+    context_length: int = flag(1024, "tokens per training sequence: a longer conversation is cut after its last "
+                                     "assistant turn that fits (counted)")
+    shard_size: int = flag(10_000_000, "tokens per shard file (conversations are not split across shards)")
+    val_fraction: float = flag(0.05, "share of conversations for validation, chosen by a hash of each")
+    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)")
+    skip_bad: bool = flag(False, "skip (and count) malformed conversations instead of stopping at the first")
+    overwrite: bool = flag(False, "replace a non-empty --output_dir")
+
+    def __post_init__(self):
+        _check_source(self, "prepare_chat")
+        require(self.format in CHAT_LAYOUTS, "prepare_chat", "format", self.format, ", ".join(CHAT_LAYOUTS))
+        require(self.context_length > 0, "prepare_chat", "context_length", self.context_length, "a positive integer")
+        _check_common(self, "prepare_chat")
+        require(0 < self.val_fraction < 1, "prepare_chat", "val_fraction", self.val_fraction, "a number in (0, 1)")
+
+
 def _check_source(cfg, section: str) -> None:
     if bool(cfg.input) == bool(cfg.dataset):
         raise UserError(f"{section}: give exactly one of --input FILE_OR_FOLDER ... and --dataset NAME "
@@ -146,7 +183,7 @@ def _source(cfg, files: list[Path] | None) -> dict:
 
 def _manifest_head(kind: str) -> dict:
     return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": "gpt2", "dtype": "uint16",
-            "vocab_size": VOCAB_SIZE, "eot_token": EOT_ID}
+            "vocab_size": CHAT_VOCAB_SIZE if kind == "chat" else VOCAB_SIZE, "eot_token": EOT_ID}
 
 
 def _manifest_tail(cfg, files: list[Path] | None) -> dict:
@@ -234,10 +271,29 @@ def _print_skipped(report: ReadReport) -> None:
             print(f"  {message}")
 
 
-# ---------------------------------------------------------------- instruction records
+# ---------------------------------------------------------------- instruction records and conversations
 
-def _instruct_records(cfg: PrepareDollyConfig, files: list[Path] | None, report: ReadReport,
-                      found: dict) -> Iterator[InstructRecord]:
+@dataclass(frozen=True)
+class RecordKind:
+    """What differs between `prepare dolly` and `prepare chat`: how a record is recognised, parsed and
+    encoded, and what its manifest says about the format."""
+    kind: str                      # the manifest kind
+    noun: str                      # "records" or "conversations", for messages
+    detect: Callable               # (fields, location) -> layout
+    parse: Callable                # (fields, layout, location) -> record
+    encode: Callable               # pool worker: (records, context_length) -> [(encoded, split_key, category)]
+    format_fields: dict            # written into the manifest
+    with_mask: bool                # chat: a per-token target mask beside the tokens
+    detect_each: bool = False      # --format auto: each record's layout from its fields (else the first's)
+
+
+INSTRUCT = RecordKind("instruct", "records", detect_layout, record_from_fields, encode_records,
+                      {"template": TEMPLATE, "template_no_input": TEMPLATE_NO_INPUT}, with_mask=False)
+CHAT = RecordKind("chat", "conversations", detect_chat_layout, conversation_from_fields, encode_conversations,
+                  {"chat_format": CHAT_FORMAT, "chat_template": CHAT_TEMPLATE}, with_mask=True, detect_each=True)
+
+
+def _records(cfg, what: RecordKind, files: list[Path] | None, report: ReadReport, found: dict) -> Iterator:
     """Records of the input, validated; found["layout"] is set from the first good record (--format auto)."""
     if files is None:
         raw = iter_hub_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.streaming)
@@ -245,14 +301,19 @@ def _instruct_records(cfg: PrepareDollyConfig, files: list[Path] | None, report:
         raw = (item for path in files for item in iter_file_records(path, report))
     for fields, location in raw:
         try:
+            layout = found["layout"]
+            if layout is None or (what.detect_each and cfg.format == "auto"):
+                layout = what.detect(fields, location) if cfg.format == "auto" else cfg.format
             if found["layout"] is None:  # from the first record that has one (a bad first one is skipped too)
-                found["layout"] = detect_layout(fields, location) if cfg.format == "auto" else cfg.format
-            yield record_from_fields(fields, found["layout"], location)
+                found["layout"] = layout
+            elif layout != found["layout"]:
+                found["layout"] = "mixed"
+            yield what.parse(fields, layout, location)
         except UserError as e:
             report.bad(str(e))
 
 
-def _jobs(records: Iterator[InstructRecord], context_length: int) -> Iterator[tuple[list[InstructRecord], int]]:
+def _jobs(records: Iterator, context_length: int) -> Iterator[tuple[list, int]]:
     batch = []
     for record in records:
         batch.append(record)
@@ -265,55 +326,70 @@ def _jobs(records: Iterator[InstructRecord], context_length: int) -> Iterator[tu
 
 def prepare_dolly(cfg: PrepareDollyConfig) -> Path:
     """Render and tokenise instruction records into train/val shards with (start, prompt_len) indexes."""
+    return _prepare_records(cfg, INSTRUCT)
+
+
+def prepare_chat(cfg: PrepareChatConfig) -> Path:
+    """Render conversations in ChatML and tokenise them into train/val shards with indexes and loss masks."""
+    return _prepare_records(cfg, CHAT)
+
+
+def _prepare_records(cfg, what: RecordKind) -> Path:
     output_dir = Path(cfg.output_dir)
     report = ReadReport(skip_bad=cfg.skip_bad)
     files = list_input_files(cfg.input, RECORD_SUFFIXES) if cfg.input else None
     found = {"layout": None}
-    records = _instruct_records(cfg, files, report, found)
-    status = Counter()  # ok / truncated / dropped
+    records = _records(cfg, what, files, report, found)
+    status = Counter()  # ok / cut / truncated / dropped
     categories = {split: Counter() for split in SPLITS}
     start = time.perf_counter()
     with staged_dir(output_dir, cfg.overwrite, "--output_dir") as staging:
-        writers = {split: ShardWriter(staging, split, cfg.shard_size, with_index=True) for split in SPLITS}
-        with _progress(" records") as bar:
-            for results in map_in_order(encode_records, _jobs(records, cfg.context_length), cfg.num_workers):
+        writers = {split: ShardWriter(staging, split, cfg.shard_size, with_index=True, with_mask=what.with_mask)
+                   for split in SPLITS}
+        with _progress(f" {what.noun}") as bar:
+            for results in map_in_order(what.encode, _jobs(records, cfg.context_length), cfg.num_workers):
                 for encoded, key, category in results:
                     status[encoded.status] += 1
                     if encoded.status == "dropped":
                         continue
                     split = "val" if key < cfg.val_fraction else "train"
-                    writers[split].write_record(encoded.tokens, encoded.prompt_len)
+                    writers[split].write_record(encoded.tokens, encoded.prompt_len, getattr(encoded, "mask", None))
                     categories[split][category] += 1
                 bar.update(len(results))
         shards = [entry for writer in writers.values() for entry in writer.close()]
-        kept = status["ok"] + status["truncated"]
+        kept = sum(status.values()) - status["dropped"]
         if not status:
-            raise UserError(f"no records in {_describe_input(cfg)}: the input is empty "
-                            f"({report.skipped_bad} bad records skipped); nothing was written")
+            raise UserError(f"no {what.noun} in {_describe_input(cfg)}: the input is empty "
+                            f"({report.skipped_bad} bad {what.noun} skipped); nothing was written")
         if kept == 0:
-            raise UserError(f"all {status['dropped']} records were dropped: each prompt alone is longer than "
-                            f"--context_length {cfg.context_length} tokens; raise --context_length")
+            raise UserError(f"all {status['dropped']} {what.noun} were dropped: in each, the text before the first "
+                            f"response is longer than --context_length {cfg.context_length} tokens; raise "
+                            f"--context_length")
         for split, fix in (("train", "lower"), ("val", "raise")):
             if writers[split].num_records == 0:
-                raise UserError(f"the {split} split would be empty: none of the {kept} records fell in it with "
-                                f"--val_fraction {cfg.val_fraction}; {fix} --val_fraction or give more records")
+                raise UserError(f"the {split} split would be empty: none of the {kept} {what.noun} fell in it with "
+                                f"--val_fraction {cfg.val_fraction}; {fix} --val_fraction or give more {what.noun}")
         splits = {split: {"num_tokens": w.num_tokens, "num_records": w.num_records, "num_shards": len(w.shards)}
                   for split, w in writers.items()}
-        manifest = _manifest_head("instruct") | {
-            "shards": shards, "splits": splits, "template": TEMPLATE, "template_no_input": TEMPLATE_NO_INPUT,
+        manifest = _manifest_head(what.kind) | {
+            "shards": shards, "splits": splits, **what.format_fields,
             "layout": found["layout"], "context_length": cfg.context_length,
             "records": {split: w.num_records for split, w in writers.items()},
             "truncated": status["truncated"], "dropped": status["dropped"], "skipped_bad": report.skipped_bad,
+            **({"cut_at_turn": status["cut"]} if what.with_mask else {}),
             "categories": {split: dict(sorted(c.items())) for split, c in categories.items()},
             "val_fraction": cfg.val_fraction, "shard_size": cfg.shard_size,
         } | _manifest_tail(cfg, files)
         write_manifest(staging, manifest)
     seconds = time.perf_counter() - start
-    print(f"prepared {output_dir}: {kept:,} {found['layout']} records (train {splits['train']['num_records']:,}, "
+    print(f"prepared {output_dir}: {kept:,} {found['layout']} {what.noun} (train {splits['train']['num_records']:,}, "
           f"val {splits['val']['num_records']:,}), {splits['train']['num_tokens'] + splits['val']['num_tokens']:,} "
           f"tokens in {seconds:.1f} s")
+    if status["cut"]:
+        print(f"context_length {cfg.context_length}: {status['cut']} conversations cut after their last assistant "
+              f"turn that fits")
     if status["truncated"] or status["dropped"]:
-        print(f"context_length {cfg.context_length}: {status['truncated']} records truncated (response end cut, "
+        print(f"context_length {cfg.context_length}: {status['truncated']} {what.noun} truncated (response end cut, "
               f"no end token), {status['dropped']} dropped (prompt alone too long)")
     _print_skipped(report)
     return output_dir

@@ -1,6 +1,7 @@
-"""Prepared data folders: uint16 token shards (plus, for instruction data, an int64 index per shard)
-hashed while they are written; manifest.json that describes them; and a staging folder that is renamed
-to the output name only after everything, manifest last, is written, so no reader sees a partial folder."""
+"""Prepared data folders: uint16 token shards (plus, for instruction and chat data, an int64 index per
+shard, and for chat data a uint8 loss mask per token) hashed while they are written; manifest.json that
+describes them; and a staging folder that is renamed to the output name only after everything, manifest
+last, is written, so no reader sees a partial folder."""
 
 from __future__ import annotations
 
@@ -16,22 +17,27 @@ from gptds.errors import UserError
 FORMAT = "gptds-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
-KINDS = ("text", "instruct")
+KINDS = ("text", "instruct", "chat")
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.dtype("<u2")   # GPT-2 ids < 65536; raw little-endian, no header
 INDEX_DTYPE = np.dtype("<i8")   # instruct index rows: (start token, prompt_len), 16 bytes per record
+MASK_DTYPE = np.dtype("u1")     # chat: 1 where the token is a target (an assistant turn's), one byte per token
 # The manifest keys that define the data; the hash of these is what checkpoints record.
 DATA_KEYS = ("format", "version", "kind", "tokenizer", "dtype", "vocab_size", "eot_token", "shards")
-PREPARE_HINT = "`gptds prepare text ...` or `gptds prepare dolly ...`"
+PREPARE_HINT = "`gptds prepare text ...`, `gptds prepare dolly ...` or `gptds prepare chat ...`"
 
 
 class ShardWriter:
     """Writes one split as {split}_000000.bin, {split}_000001.bin, ... of at most shard_size tokens.
-    Text data is a stream (write); instruction data is whole records (write_record), never split
-    across shards, with an index file {split}_NNNNNN.idx of (start, prompt_len) int64 rows."""
+    Text data is a stream (write); instruction and chat data are whole records (write_record), never split
+    across shards, with an index file {split}_NNNNNN.idx of (start, prompt_len) int64 rows, and for chat
+    data a mask file {split}_NNNNNN.msk with one byte per token (1: a target)."""
 
-    def __init__(self, folder: Path, split: str, shard_size: int, with_index: bool = False):
+    def __init__(self, folder: Path, split: str, shard_size: int, with_index: bool = False,
+                 with_mask: bool = False):
         self.folder, self.split, self.shard_size, self.with_index = Path(folder), split, shard_size, with_index
+        self.with_mask = with_mask
+        self._mask = None
         self.shards: list[dict] = []  # manifest entries of the closed shards
         self.num_tokens = 0
         self.num_records = 0
@@ -46,9 +52,13 @@ class ShardWriter:
             self._entry.update(index_file=f"{name}.idx", num_records=0)
             self._index = open(self.folder / self._entry["index_file"], "wb")  # noqa: SIM115
             self._index_hash = hashlib.sha256()
+        if self.with_mask:
+            self._entry["mask_file"] = f"{name}.msk"
+            self._mask = open(self.folder / self._entry["mask_file"], "wb")  # noqa: SIM115
+            self._mask_hash = hashlib.sha256()
 
     def _close_shard(self) -> None:
-        for f in (self._file, self._index):
+        for f in (self._file, self._index, self._mask):
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
@@ -56,8 +66,10 @@ class ShardWriter:
         self._entry["sha256"] = self._hash.hexdigest()
         if self.with_index:
             self._entry["index_sha256"] = self._index_hash.hexdigest()
+        if self.with_mask:
+            self._entry["mask_sha256"] = self._mask_hash.hexdigest()
         self.shards.append(self._entry)
-        self._file = self._index = None
+        self._file = self._index = self._mask = None
 
     def _append(self, tokens: np.ndarray) -> None:
         data = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes()
@@ -77,8 +89,9 @@ class ShardWriter:
             if self._entry["num_tokens"] == self.shard_size:
                 self._close_shard()
 
-    def write_record(self, tokens: np.ndarray, prompt_len: int) -> None:
-        """Append one whole record; a record that would overflow a non-empty shard starts the next one."""
+    def write_record(self, tokens: np.ndarray, prompt_len: int, mask: np.ndarray | None = None) -> None:
+        """Append one whole record (with its per-token target mask for chat data); a record that would
+        overflow a non-empty shard starts the next one."""
         if self._file is not None and self._entry["num_tokens"] + len(tokens) > self.shard_size:
             self._close_shard()
         if self._file is None:
@@ -88,6 +101,10 @@ class ShardWriter:
         self._index_hash.update(row)
         self._entry["num_records"] += 1
         self.num_records += 1
+        if self.with_mask:
+            data = np.ascontiguousarray(mask, dtype=MASK_DTYPE).tobytes()
+            self._mask.write(data)
+            self._mask_hash.update(data)
         self._append(tokens)
 
     def close(self) -> list[dict]:
@@ -156,9 +173,12 @@ def load_manifest(data_dir) -> dict:
                                 f"not one of {', '.join(SPLITS)}")
             _check_size(data_dir / entry["file"], entry["num_tokens"] * TOKEN_DTYPE.itemsize,
                         f"{entry['num_tokens']} tokens", path)
-            if manifest["kind"] == "instruct":
+            if manifest["kind"] in ("instruct", "chat"):
                 _check_size(data_dir / entry["index_file"], entry["num_records"] * 2 * INDEX_DTYPE.itemsize,
                             f"{entry['num_records']} records", path)
+            if manifest["kind"] == "chat":
+                _check_size(data_dir / entry["mask_file"], entry["num_tokens"] * MASK_DTYPE.itemsize,
+                            f"a mask byte for each of {entry['num_tokens']} tokens", path)
         except (KeyError, TypeError) as e:
             raise UserError(f"{path}: shard entry {entry!r} lacks field {e}") from None
     return manifest
@@ -190,7 +210,7 @@ def verify_shards(data_dir) -> None:
     """Recompute every shard's (and index's) sha256 and compare with the manifest; UserError on a mismatch."""
     data_dir = Path(data_dir)
     for entry in load_manifest(data_dir)["shards"]:
-        for name_key, hash_key in (("file", "sha256"), ("index_file", "index_sha256")):
+        for name_key, hash_key in (("file", "sha256"), ("index_file", "index_sha256"), ("mask_file", "mask_sha256")):
             if name_key in entry and sha256_file(data_dir / entry[name_key]) != entry[hash_key]:
                 raise UserError(f"{data_dir / entry[name_key]}: sha256 differs from {data_dir / MANIFEST_NAME}; "
                                 f"the file changed since it was prepared")
