@@ -198,8 +198,8 @@ def log_tasks(s: Session, log: MetricsLogger, console: Console, to_score: list[t
         log.log(s.state.step, {k: v for k, v in scores.items() if not k.endswith("_n")})
         shown = {k: v for k, v in scores.items() if not k.endswith("_n")
                  and not (k.startswith("mmlu_") and k not in ("mmlu_acc", "mmlu_acc_micro"))}  # not per subject
-        console.write(f"step {s.state.step}: {task.name} " + " ".join(
-            f"{k.removeprefix(task.name + '_')} {v:.4f}" for k, v in shown.items()) + f" (n={scores[task.name + '_n']})")
+        line = " ".join(f"{k.removeprefix(task.name + '_')} {v:.4f}" for k, v in shown.items())
+        console.write(f"step {s.state.step}: {task.name} {line} (n={scores[task.name + '_n']})")
 
 
 def log_samples(s: Session, log: MetricsLogger, console: Console) -> None:
