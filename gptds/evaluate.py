@@ -41,13 +41,16 @@ def token_byte_lengths(vocab_size: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.long, device=device)
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
-    """Negative log-likelihood in nats (N,) of targets (N,) under logits (N, V), computed in fp32 a chunk
-    of rows at a time (no full-size fp32 copy of bf16 logits); 0 where the target is -100."""
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Negative log-likelihood in nats (B, T) of targets (B, T) under logits (B, T, V), computed in fp32 a
+    chunk of positions at a time (no full-size fp32 copy of bf16 logits, and no copy at all of logits that
+    are a view of padded ones); 0 where the target is -100."""
     out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, targets.numel(), chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        out[rows] = F.cross_entropy(logits[rows].float(), targets[rows], ignore_index=-100, reduction="none")
+    for b in range(targets.size(0)):
+        for start in range(0, targets.size(1), chunk):
+            span = slice(start, start + chunk)
+            out[b, span] = F.cross_entropy(logits[b, span].float(), targets[b, span], ignore_index=-100,
+                                           reduction="none")
     return out
 
 
@@ -65,9 +68,8 @@ def validation_metrics(forward: Callable[[torch.Tensor, torch.Tensor], tuple[tor
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)
         logits, loss = forward(x, y)
-        y = y.reshape(-1)
-        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
-        nll = token_nll(logits.reshape(-1, logits.size(-1)), y)
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)  # (B, T)
+        nll = token_nll(logits, y)
         sums += torch.stack([loss.double(), (nll.double() * (nbytes > 0)).sum(), nbytes.sum().double()])
     loss_sum, nats, nbytes = dist.all_reduce_sum(sums).tolist()
     return {"val_loss": loss_sum / (num_batches * dist.info().world_size),
