@@ -291,5 +291,5 @@ class Clock:
             return None
         self.warned = True
         return (f"WARNING: {100 * share:.0f}% of the wall time went to evaluation, HellaSwag, samples and "
-                f"checkpoints, not training; raise --eval_interval, --hellaswag_interval, --generate_interval "
-                f"and --checkpoint_interval (see the README's GPU settings)")
+                f"checkpoints, not training; raise --eval_interval, --hellaswag_interval, --eval_task_interval, "
+                f"--generate_interval and --checkpoint_interval (see the README's GPU settings)")
