@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptds.data.sources import iter_hub_records
 from gptds.errors import UserError
 from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode
 
@@ -78,6 +79,23 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
     if not rows:
         raise UserError(f"{path}: no {what} items")
     return rows
+
+
+HUB_PREFIX = "hub:"  # --task_file TASK=hub:NAME:CONFIG:SPLIT reads a Hugging Face dataset (needs the hub)
+
+
+def read_rows(source: str | Path, what: str) -> list[tuple[str, dict]]:
+    """(where, object) of every item of a JSONL file ("path:line") or of a hub dataset given as
+    hub:NAME:CONFIG:SPLIT (CONFIG may be empty), e.g. hub:allenai/ai2_arc:ARC-Easy:test."""
+    source = str(source)
+    if not source.startswith(HUB_PREFIX):
+        return [(f"{source}:{lineno}", doc) for lineno, doc in read_jsonl(Path(source), what)]
+    parts = source[len(HUB_PREFIX):].split(":")
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        raise UserError(f"{source}: expected hub:NAME:CONFIG:SPLIT, e.g. hub:allenai/ai2_arc:ARC-Easy:test or "
+                        f"hub:openai/gsm8k:main:test (CONFIG may be empty)")
+    name, config, split = parts
+    return [(where, dict(doc)) for doc, where in iter_hub_records(name, config or None, split, streaming=False)]
 
 
 def _field(doc: dict, name: str, kind, where: str):
@@ -228,7 +246,8 @@ FEWSHOT_SUFFIX = "_fewshot"   # --task_file TASK_fewshot=PATH: the split few-sho
 
 def parse_task_files(entries: list[str] | None) -> dict[str, str]:
     """--task_file TASK=PATH entries -> {TASK: PATH}. TASK is a named task, TASK_fewshot (its few-shot
-    split: MMLU's dev, GSM8K's train), or a new name: a multiple-choice task in the generic layout."""
+    split: MMLU's dev, GSM8K's train), or a new name: a multiple-choice task in the generic layout. PATH is
+    a JSONL file, or hub:NAME:CONFIG:SPLIT for a Hugging Face dataset."""
     files = {}
     for entry in entries or []:
         name, sep, path = entry.partition("=")
@@ -271,12 +290,11 @@ def load_task(name: str, files: dict[str, str] | None = None, limit: int = 0,
     path = files.get(name) or (ASSETS_DIR / spec.sample if spec.sample else None)
     if path is None:
         raise UserError(f"task {name!r} has no file: give one with --task_file {name}=PATH")
-    docs = [spec.parse(doc, f"{path}:{lineno}") for lineno, doc in read_jsonl(Path(path), name)]
+    docs = [spec.parse(doc, where) for where, doc in read_rows(path, name)]
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
     pool_path = files.get(name + FEWSHOT_SUFFIX) or (ASSETS_DIR / spec.fewshot_sample if spec.fewshot_sample
                                                       else None)
-    pool = [spec.parse(doc, f"{pool_path}:{lineno}") for lineno, doc in read_jsonl(Path(pool_path), name)] \
-        if pool_path and k else None
+    pool = [spec.parse(doc, where) for where, doc in read_rows(pool_path, name)] if pool_path and k else None
     chosen = _limited(docs, limit, by_subject=name == "mmlu")
     shots = fewshot_examples(spec, chosen, pool if pool is not None else docs, k, same_split=pool is None, name=name)
     items = []

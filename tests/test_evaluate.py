@@ -359,3 +359,20 @@ def test_zero3_ranks_whose_answers_end_at_different_lengths_stay_in_step(tmp_pat
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in records for k in r}
     assert {"val_loss", "val_bpb", "gsm8k_pass@1", "arc_easy_acc_norm", "mmlu_acc", "mmlu_anatomy_acc"} <= logged
+
+
+def test_a_task_reads_a_hub_dataset(monkeypatch):
+    """--task_file TASK=hub:NAME:CONFIG:SPLIT goes through datasets.load_dataset (no hub here: its rows are
+    faked, in the dataset's own layout)."""
+    asked = []
+
+    def rows(name, config, split, streaming):
+        asked.append((name, config, split))
+        yield {"id": "x", "question": "Which?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+               "answerKey": "B"}, f"dataset {name}[{split}] row 1"
+    monkeypatch.setattr(tasks, "iter_hub_records", rows)
+    task = tasks.load_task("arc_easy", {"arc_easy": "hub:allenai/ai2_arc:ARC-Easy:test"})
+    assert asked == [("allenai/ai2_arc", "ARC-Easy", "test")]
+    assert task.items[0].context == "Question: Which?\nAnswer:" and task.items[0].answer == 1
+    with pytest.raises(tasks.UserError, match="expected hub:NAME:CONFIG:SPLIT"):
+        tasks.load_task("arc_easy", {"arc_easy": "hub:allenai/ai2_arc"})
