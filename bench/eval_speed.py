@@ -133,9 +133,9 @@ def run_lm_eval(python: str, model_dir: Path, task: str, limit: int, shots: int,
     return {"results": result["results"], "eval_s": float(result["total_evaluation_time_seconds"]), "wall_s": wall}
 
 
-def run_gptds(model_dir: Path, task: str, limit: int, shots: int, batch_size: int) -> dict:
+def run_gptds(model_dir: Path, task: str, limit: int, shots: int, batch_size: int, gen_batch_size: int) -> dict:
     cmd = [sys.executable, "-m", "gptds", "evaluate", "--checkpoint", str(model_dir), "--tasks", task, "--limit",
-           str(limit), "--num_fewshot", str(shots), "-B", str(batch_size)]
+           str(limit), "--num_fewshot", str(shots), "-B", str(batch_size), "--gen_batch_size", str(gen_batch_size)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="items per task instead of the defaults (MMLU: per subject)")
     parser.add_argument("--lm_eval_batch_size", type=int, default=16)
     parser.add_argument("--gptds_batch_size", type=int, default=8)
+    parser.add_argument("--gptds_gen_batch_size", type=int, default=32)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval-speed-"))
     model_dir = Path(args.model_dir) if args.model_dir else work / "model"
@@ -169,7 +170,7 @@ def main() -> None:
         if task not in args.tasks.split(","):
             continue
         limit = args.limit or limit
-        ours = run_gptds(model_dir, task, limit, shots, args.gptds_batch_size)
+        ours = run_gptds(model_dir, task, limit, shots, args.gptds_batch_size, args.gptds_gen_batch_size)
         theirs = run_lm_eval(args.lm_eval_python, model_dir, task, limit, shots, tasks_dir, work,
                              args.lm_eval_batch_size)
         items = ours["items"]
@@ -182,15 +183,21 @@ def main() -> None:
                      "lm_eval_wall_s": theirs["wall_s"], "numbers": numbers,
                      "same_numbers": all(abs(v["gptds"] - v["lm_eval"]) < 1e-9 for v in numbers.values())})
         print(json.dumps(rows[-1]), flush=True)
+    stem = RESULTS_DIR / f"eval-speed-{device_name()}-{datetime.date.today().isoformat()}"
+    if stem.with_suffix(".json").exists():  # a rerun of some tasks replaces their rows
+        done = {r["task"] for r in rows}
+        rows = [r for r in json.loads(stem.with_suffix(".json").read_text())["rows"] if r["task"] not in done] + rows
+        rows.sort(key=lambda r: [t for t, _, _ in TASKS].index(r["task"]))
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "model": str(args.model_dir or
               "random GPT-2, 6 layers, width 384, 1024 positions, initializer_range 0.2"),
-              "lm_eval_batch_size": args.lm_eval_batch_size, "gptds_batch_size": args.gptds_batch_size, "rows": rows}
-    stem = RESULTS_DIR / f"eval-speed-{device_name()}-{report['date']}"
+              "lm_eval_batch_size": args.lm_eval_batch_size, "gptds_batch_size": args.gptds_batch_size,
+              "gptds_gen_batch_size": args.gptds_gen_batch_size, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# `gptds evaluate` vs lm-evaluation-harness 0.4.13, {report['date']}", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs (shared). Model: "
              f"{report['model']}, fp32. Same items (the bundled samples), same prompts; lm_eval batch size "
-             f"{args.lm_eval_batch_size}, gptds -B {args.gptds_batch_size}. items/s: evaluation time only; wall: "
+             f"{args.lm_eval_batch_size}, gptds -B {args.gptds_batch_size} --gen_batch_size "
+             f"{args.gptds_gen_batch_size}. items/s: evaluation time only; wall: "
              "the whole process.", "",
              "| task | items | shots | gptds items/s | lm_eval items/s | speed-up | gptds wall s | lm_eval wall s | "
              "same numbers |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

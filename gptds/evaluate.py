@@ -287,7 +287,7 @@ def _argmax(values: list[float]) -> int:
 @torch.no_grad()
 def generation_metrics(model: torch.nn.Module, task: tasks.Task, block_size: int, device: torch.device,
                        fmt: tasks.PromptFormat = tasks.PLAIN, num_samples: int = 0, temperature: float = 0.8,
-                       top_k: int | None = None, seed: int = 1337, rows_per_forward: int = 8,
+                       top_k: int | None = None, seed: int = 1337, gen_batch_size: int = 32,
                        max_new_tokens: int = tasks.MAX_GEN_TOKENS, progress: Progress | None = None) -> dict:
     """pass@1 of greedy answers (flexible-extract, and strict-match as `<task>_pass@1_strict`), and with
     num_samples n > 0 pass@n from n sampled answers per item (Chen et al.'s estimator). Prompts are cut
@@ -302,8 +302,8 @@ def generation_metrics(model: torch.nn.Module, task: tasks.Task, block_size: int
     def answers(repeat: int, temp: float) -> list[str]:
         rows = [p for p in prompts for _ in range(repeat)]
         texts = []
-        for start in range(0, per_rank * repeat, rows_per_forward):
-            chunk = rows[start:start + rows_per_forward]
+        for start in range(0, per_rank * repeat, gen_batch_size):
+            chunk = rows[start:start + gen_batch_size]
             out = generate_batch(model, chunk, max_new, temperature=temp, top_k=top_k, generator=generator,
                                  stop_tokens=fmt.stop_tokens, stop_strings=fmt.stop_strings, device=device)
             texts += [tasks.cut_at_stop(decode(t), fmt.stop_strings) for t in out]
@@ -327,13 +327,13 @@ def generation_metrics(model: torch.nn.Module, task: tasks.Task, block_size: int
 
 
 def run_task(model: torch.nn.Module, task: tasks.Task, block_size: int, device: torch.device,
-             show_progress: bool = False, **generation) -> dict:
-    """The metrics of one task (every rank calls this with the same task; items are split across ranks)."""
+             show_progress: bool = False, rows_per_forward: int = 8, **generation) -> dict:
+    """The metrics of one task (every rank calls this with the same task; items are split across ranks);
+    `generation`: generation_metrics' settings."""
     progress = Progress(task.name, len(task.items), show_progress and dist.info().is_main)
     if task.kind == "choice":
-        scores = score_choices(model, task.items, block_size, device, generation.get("rows_per_forward", 8),
-                               progress)
-        result = choice_metrics(task, scores)
+        result = choice_metrics(task, score_choices(model, task.items, block_size, device, rows_per_forward,
+                                                    progress))
     else:
         result = generation_metrics(model, task, block_size, device, progress=progress, **generation)
     progress.finish()
@@ -363,8 +363,10 @@ class EvaluateConfig:
                                             "bundled sample (same as --task_file hellaswag=PATH)")
     hellaswag_limit: int = flag(0, "score at most this many HellaSwag items (0: --limit)")
     data_dir: str | None = flag(None, "prepared dataset: bpb and val_loss of its val split")
-    batch_size: int = flag(8, "sequences per forward: validation batches, packed scoring rows, answers generated "
-                              "together", short="-B")
+    batch_size: int = flag(8, "sequences per forward: validation batches and packed scoring rows of block_size "
+                              "tokens", short="-B")
+    gen_batch_size: int = flag(32, "GSM8K: answers generated together (one KV cache; decoding is a step per token, "
+                                   "so wider is faster until memory or compute is full)")
     context_length: int | None = flag(None, "tokens per validation sequence (omitted: the model's block_size)",
                                       short="-T")
     eval_batches: int = flag(20, "validation batches")
@@ -372,7 +374,7 @@ class EvaluateConfig:
     def __post_init__(self):
         for name in ("limit", "hellaswag_limit", "num_samples"):
             require(getattr(self, name) >= 0, "evaluate", name, getattr(self, name), "0 (all) or more")
-        for name in ("batch_size", "eval_batches", "max_new_tokens"):
+        for name in ("batch_size", "gen_batch_size", "eval_batches", "max_new_tokens"):
             require(getattr(self, name) > 0, "evaluate", name, getattr(self, name), "a positive integer")
         require(self.num_fewshot is None or self.num_fewshot >= 0, "evaluate", "num_fewshot", self.num_fewshot,
                 "0 or more, or omitted for each task's default")
@@ -407,9 +409,10 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     fmt = tasks.prompt_format(chat_format_of(cfg.checkpoint))
     result: dict = {} if cfg.tasks else {"val_loss": None}
     for task in loaded:
-        result.update(run_task(model, task, block, info.device, show_progress=True, fmt=fmt,
-                               num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k,
-                               seed=cfg.seed, rows_per_forward=cfg.batch_size, max_new_tokens=cfg.max_new_tokens))
+        result.update(run_task(model, task, block, info.device, show_progress=True,
+                               rows_per_forward=cfg.batch_size, fmt=fmt, num_samples=cfg.num_samples,
+                               temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
+                               gen_batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens))
     if "bpb" in names:
         T = cfg.context_length or block
         if T > block:
