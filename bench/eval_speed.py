@@ -146,6 +146,25 @@ def run_gptds(model_dir: Path, task: str, limit: int, shots: int, batch_size: in
             "wall_s": wall}
 
 
+def write_markdown(report: dict, stem: Path) -> None:
+    lines = [f"# `gptds evaluate` vs lm-evaluation-harness 0.4.13, {report['date']}", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs (shared). Model: "
+             f"{report['model']}, fp32. Same items (the bundled samples), same prompts; lm_eval batch size "
+             f"{report['lm_eval_batch_size']}, gptds -B {report['gptds_batch_size']} --gen_batch_size "
+             f"{report['gptds_gen_batch_size']}. items/s: evaluation time only; wall: "
+             "the whole process.", "",
+             "| task | items | shots | gptds items/s | lm_eval items/s | speed-up | gptds wall s | lm_eval wall s | "
+             "same numbers |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report["rows"]:
+        same = ", ".join(f"{k.removeprefix(r['task'] + '_')} {v['gptds']:.4f}"
+                         f"{' = ' if abs(v['gptds'] - v['lm_eval']) < 1e-9 else ' != '}{v['lm_eval']:.4f}"
+                         for k, v in r["numbers"].items())
+        lines.append(f"| {r['task']} | {r['items']} | {r['num_fewshot']} | {r['gptds_items_per_s']:.2f} | "
+                     f"{r['lm_eval_items_per_s']:.2f} | {r['speedup']:.1f}x | {r['gptds_wall_s']:.0f} | "
+                     f"{r['lm_eval_wall_s']:.0f} | {same} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lm_eval_python", required=True, help="python of a virtualenv with lm_eval installed")
@@ -193,22 +212,7 @@ def main() -> None:
               "lm_eval_batch_size": args.lm_eval_batch_size, "gptds_batch_size": args.gptds_batch_size,
               "gptds_gen_batch_size": args.gptds_gen_batch_size, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"# `gptds evaluate` vs lm-evaluation-harness 0.4.13, {report['date']}", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs (shared). Model: "
-             f"{report['model']}, fp32. Same items (the bundled samples), same prompts; lm_eval batch size "
-             f"{args.lm_eval_batch_size}, gptds -B {args.gptds_batch_size} --gen_batch_size "
-             f"{args.gptds_gen_batch_size}. items/s: evaluation time only; wall: "
-             "the whole process.", "",
-             "| task | items | shots | gptds items/s | lm_eval items/s | speed-up | gptds wall s | lm_eval wall s | "
-             "same numbers |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        same = ", ".join(f"{k.split('_', 1)[1] if k.startswith(r['task']) else k} {v['gptds']:.4f}"
-                         f"{' = ' if abs(v['gptds'] - v['lm_eval']) < 1e-9 else ' != '}{v['lm_eval']:.4f}"
-                         for k, v in r["numbers"].items())
-        lines.append(f"| {r['task']} | {r['items']} | {r['num_fewshot']} | {r['gptds_items_per_s']:.2f} | "
-                     f"{r['lm_eval_items_per_s']:.2f} | {r['speedup']:.1f}x | {r['gptds_wall_s']:.0f} | "
-                     f"{r['lm_eval_wall_s']:.0f} | {same} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_markdown(report, stem)
     print(f"wrote {stem}.json and .md")
 
 
