@@ -82,7 +82,8 @@ def test_generate_and_evaluate_read_a_zero3_training_checkpoint(pipeline, text_d
     ckpt = str(pipeline["tmp"] / "pre" / "checkpoints")
     gen = run([str(BIN / "gptds"), "generate", "--checkpoint", ckpt, "--prompt", "ROMEO:", "--max_new_tokens", "5",
                "--temperature", "0"])
-    assert gen.stdout.startswith("ROMEO:") and len(gen.stdout.strip()) > len("ROMEO:")
+    # the prompt, then a continuation (a 6-step model's greedy one may be newlines), then print's newline
+    assert gen.stdout.startswith("ROMEO:") and len(gen.stdout) > len("ROMEO:\n")
     assert "[WARNING]" not in gen.stdout and "Reconstructed" not in gen.stdout  # DeepSpeed's chatter: stderr
     ev = run([str(BIN / "gptds"), "evaluate", "--checkpoint", ckpt, "--hellaswag_limit", "8",
               "--data_dir", str(text_data), "-T", "32", "--eval_batches", "2"])

@@ -376,3 +376,23 @@ def test_a_task_reads_a_hub_dataset(monkeypatch):
     assert task.items[0].context == "Question: Which?\nAnswer:" and task.items[0].answer == 1
     with pytest.raises(tasks.UserError, match="expected hub:NAME:CONFIG:SPLIT"):
         tasks.load_task("arc_easy", {"arc_easy": "hub:allenai/ai2_arc"})
+
+
+def test_a_checkpoint_with_a_chat_format_gets_its_prompts_and_stops(models, monkeypatch):
+    """The hook the chat format plugs into: a format registered under the name a checkpoint records renders
+    the GSM8K examples as turns and ends answers at its own stop token; an unknown name is refused."""
+    *_, ours = models
+    seen = []
+
+    def render(item):
+        seen.append(item)
+        turns = "".join(f"<u>{q}<a>{a}" for q, a in item.shots) + f"<u>{item.question}<a>"
+        return encode(turns)[-100:]
+    fake = tasks.PromptFormat("fake", render, ("\n",), (EOT_ID, 13))
+    monkeypatch.setitem(tasks.CHAT_FORMATS, "fake", fake)
+    assert tasks.prompt_format("fake") is fake and tasks.prompt_format(None) is tasks.PLAIN
+    with pytest.raises(tasks.UserError, match="chat format 'other'"):
+        tasks.prompt_format("other")
+    task = tasks.load_task("gsm8k", limit=2, num_fewshot=2)
+    assert generation_metrics(ours, task, BLOCK, torch.device("cpu"), fmt=fake, max_new_tokens=4)["gsm8k_n"] == 2
+    assert [len(item.shots) for item in seen] == [2, 2] and seen[0].question.startswith("Question: ")
