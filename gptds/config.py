@@ -56,12 +56,19 @@ class DataConfig:
     hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled "
                                             "500-item sample")
     hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)")
+    eval_tasks: str = flag("", "comma-separated tasks scored every --eval_task_interval steps on all ranks: "
+                               "hellaswag, arc_easy, arc_challenge, mmlu, gsm8k, or a name given a file by "
+                               "--eval_task_file (bits per byte is val_bpb, logged with val_loss)")
+    eval_task_limit: int = flag(100, "score at most the first N items of each --eval_tasks task (MMLU: of each "
+                                     "subject; 0: all)")
+    eval_task_file: list[str] | None = flag(None, "TASK=PATH for --eval_tasks, as `gptds evaluate --task_file`")
 
     def __post_init__(self):
         for name in ("micro_batch_size", "context_length", "eval_batches"):
             value = getattr(self, name)
             require(value > 0, "data", name, value, "a positive integer")
-        require(self.hellaswag_limit >= 0, "data", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
+        for name in ("hellaswag_limit", "eval_task_limit"):
+            require(getattr(self, name) >= 0, "data", name, getattr(self, name), "0 (all) or more")
 
 
 @dataclass
@@ -95,6 +102,7 @@ class TrainConfig:
     log_interval: int = flag(10, "log training metrics every N steps")
     eval_interval: int = flag(50, "validation loss every N steps (0: never)")
     hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)")
+    eval_task_interval: int = flag(100, "score --eval_tasks every N steps (0: never)")
     generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)")
     generate_max_new_tokens: int = flag(48, "tokens per sample")
     max_bad_steps: int = flag(5, "stop after this many consecutive micro batches with a NaN/inf loss (each is "
@@ -107,7 +115,8 @@ class TrainConfig:
         for name in ("grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, "train", name, value, "a positive integer")
-        for name in ("warmup_steps", "lr_decay_steps", "eval_interval", "hellaswag_interval", "generate_interval"):
+        for name in ("warmup_steps", "lr_decay_steps", "eval_interval", "hellaswag_interval", "eval_task_interval",
+                     "generate_interval"):
             value = getattr(self, name)
             require(value >= 0, "train", name, value, "0 or a positive integer")
         require(self.lr > 0, "train", "lr", self.lr, "a positive number")

@@ -1,5 +1,7 @@
 """Sampling text: from a model in memory (the training loop's samples) or from any model path
-(`gptds generate`). Sampling is seeded, so every rank draws the same tokens and ZeRO-3 ranks stay in step."""
+(`gptds generate`). Sampling is seeded, so every rank draws the same tokens and ZeRO-3 ranks stay in step.
+generate_batch continues many prompts at once (left-padded rows, one KV cache) with ranks holding
+different prompts kept in step, for evaluation (GSM8K) and reinforcement learning."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptds import dist
 from gptds.config import flag, require
+from gptds.model import KVCache, next_token_of
 from gptds.tokenizer import EOT_ID, IM_END_ID, decode, encode
 from gptds.weights import load_model
 
@@ -36,6 +40,56 @@ def sample(model: torch.nn.Module, prompts: list[str | list[int]], max_new_token
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int | None = None, generator: torch.Generator | None = None,
+                   stop_tokens: tuple[int, ...] = (EOT_ID,), stop_strings: tuple[str, ...] = (),
+                   device: torch.device | str = "cpu") -> list[list[int]]:
+    """The continuation tokens of each prompt (token ids), up to max_new_tokens, ending before a stop token
+    or once the decoded continuation contains a stop string. The prompts are left-padded into one batch:
+    each row's positions start at 0 at its first real token and no token attends to padding.
+
+    Ranks may hold different prompts (or none: a one-token dummy row) and answers of different lengths,
+    yet they run the same number of forwards, as ZeRO-3 needs: after each token one all-reduce asks whether
+    any rank still has a row running, and a rank whose rows are done keeps stepping them until none has."""
+    rows = prompts or [[EOT_ID]]
+    B, P = len(rows), max(len(p) for p in rows)
+    config = model.config
+    if P + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new exceeds block_size {config.block_size}")
+    pad = torch.tensor([P - len(p) for p in rows], device=device)  # (B,)
+    idx = torch.tensor([[EOT_ID] * (P - len(p)) + p for p in rows], dtype=torch.long, device=device)  # (B, P)
+    steps = torch.arange(P + max_new_tokens, device=device)
+    visible = steps[None, :] >= pad[:, None]  # (B, P + max_new): keys that are not padding
+    causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()
+    mask = (causal[None] & visible[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]  # padding
+    # sees itself, so no attention row is empty
+    last = torch.zeros((B, P), dtype=torch.bool, device=device)
+    last[:, -1] = True
+    cache = KVCache(config, B, device, next(model.parameters()).dtype, length=P + max_new_tokens)
+    logits, _ = model(idx, kv_cache=cache, positions=(steps[None, :P] - pad[:, None]).clamp(min=0), attn_mask=mask,
+                      logits_at=last)  # (B, V)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [not prompts] * B
+    for step in range(max_new_tokens):
+        tokens = next_token_of(logits, temperature, top_k, generator)  # (B, 1)
+        for b, token in enumerate(tokens[:, 0].tolist()):
+            if done[b]:
+                continue
+            if token in stop_tokens:
+                done[b] = True
+                continue
+            out[b].append(token)
+            done[b] = any(s in decode(out[b]) for s in stop_strings)
+        running = torch.tensor(float(not all(done)), device=device)
+        if step == max_new_tokens - 1 or dist.all_reduce_sum(running).item() == 0:
+            break
+        logits, _ = model(tokens, kv_cache=cache, positions=(P + step - pad)[:, None],
+                          attn_mask=visible[:, None, :P + step + 1])
+        logits = logits[:, -1]
+    return out if prompts else []
 
 
 @dataclass

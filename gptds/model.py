@@ -86,10 +86,11 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated to block_size."""
+    """Keys and values of every layer for positions [0, pos), preallocated to `length` (block_size)."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype, length: int | None = None):
+        length = config.block_size if length is None else length
+        shape = (config.n_layer, batch_size, config.n_head, length, config.n_embd // config.n_head)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
@@ -112,11 +113,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True  # scaled init, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask (B, T, S) bool, True where query t may attend key s (S: cached + new keys); omitted:
+        causal."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         dropout_p = self.dropout if self.training else 0.0
-        if kv_cache is None and attention_backend(x.device, x.dtype) == "flash-attn":
+        if kv_cache is None and attn_mask is None and attention_backend(x.device, x.dtype) == "flash-attn":
             hd = C // self.n_head  # flash-attn takes (B, T, nh, hd)
             y = flash_attn_func(q.view(B, T, self.n_head, hd), k.view(B, T, self.n_head, hd),
                                 v.view(B, T, self.n_head, hd), dropout_p=dropout_p, causal=True)
@@ -129,6 +133,8 @@ class CausalSelfAttention(nn.Module):
             if start > 0 and T > 1:  # new tokens after cached ones (a chat's next turn): new token i sees
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # 0..start+i
                 causal = False
+        if attn_mask is not None:  # the caller's (B, T, keys): packed rows, left-padded batches
+            mask, causal = attn_mask[:, None], False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                            is_causal=causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -157,8 +163,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -254,24 +261,34 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_position_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T) with -100
-        where no loss is taken, the mean cross-entropy over the other positions."""
+        where no loss is taken, the mean cross-entropy over the other positions.
+
+        For packed or padded rows (evaluation, batched generation): positions (B, T) are each token's
+        position (default: consecutive from the cache's), attn_mask (B, T, S) bool who attends to whom
+        (default: causal), and logits_at (B, T) bool the positions whose logits are wanted: the logits
+        are then (N, vocab_size), N = logits_at.sum(), in row-major order, and the output layer runs on
+        those rows only (for a small model most of the compute is that layer's)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
+                x = block(x, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, C)
         padded_logits = self.lm_head(x)  # (B, T, padded V): the padding columns are never read
         loss = None if targets is None else cross_entropy(padded_logits, targets, self.config.vocab_size)
         return padded_logits[..., :self.config.vocab_size], loss  # (B, T, V)
@@ -306,15 +323,7 @@ class GPT(nn.Module):
                 next_logits = torch.where(seen, penalised, next_logits)
             if stop_token is not None and step < min_new_tokens:
                 next_logits[:, stops] = float("-inf")
-            if temperature == 0:
-                next_token = next_logits.argmax(dim=-1, keepdim=True)
-            else:
-                next_logits = next_logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, [-1]]
-                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
-                probs = F.softmax(next_logits, dim=-1)
-                next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+            next_token = next_token_of(next_logits, temperature, top_k, generator)  # (B, 1)
             if stop_token is not None:
                 next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # a finished row repeats its stop
                 done |= torch.isin(next_token[:, 0], stops)
@@ -330,16 +339,30 @@ class GPT(nn.Module):
         return idx
 
 
+def next_token_of(logits: torch.Tensor, temperature: float, top_k: int | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The next token (B, 1) from last-position logits (B, V): the argmax at temperature 0, else a draw
+    from softmax(logits / temperature) over the top_k most likely tokens (all when top_k is None)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
 def compile_blocks(model: GPT) -> None:
     """torch.compile each transformer block's training path (torchtitan's way: the blocks are identical,
     so one graph serves them all, and activation checkpointing wraps the compiled block). Calls with a
-    KV cache (sampling: a new position every call) run the eager block, so sampling never recompiles;
-    evaluation shapes compile once more (dynamic lengths) and no further. The blocks keep their
+    KV cache (sampling: a new position every call) or an attention mask (packed evaluation rows) run the
+    eager block, so sampling and evaluation never recompile; validation shapes compile once more. The blocks keep their
     parameter names (nn.Module.compile), so checkpoints are the same with and without it."""
     for block in model.transformer.h:
         eager = block.forward
         compiled = torch.compile(eager)
 
-        def forward(x, kv_cache=None, eager=eager, compiled=compiled):
-            return eager(x, kv_cache) if kv_cache is not None else compiled(x)
+        def forward(x, kv_cache=None, attn_mask=None, eager=eager, compiled=compiled):
+            return eager(x, kv_cache, attn_mask) if kv_cache is not None or attn_mask is not None else compiled(x)
         block.forward = forward

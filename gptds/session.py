@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, dist, engine
+from gptds import checkpoint, dist, engine, tasks
 from gptds.config import Batch, RunConfig, ds_conflict_message, resolve_ds_config_path
 from gptds.data.chat import chat_format_of
 from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data, parse_data_dirs
 from gptds.errors import UserError
-from gptds.evaluate import load_hellaswag
 from gptds.jobs import JOBS, sample_prompts
 from gptds.metrics import check_wandb_installed, flops_per_token, new_wandb_run_id, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
@@ -59,7 +58,8 @@ class Session:
     n_params: int
     flops_per_step: float
     peak_flops: float | None
-    hellaswag_items: list
+    hellaswag: tasks.Task | None   # scored every --hellaswag_interval steps
+    eval_tasks: list[tasks.Task]   # scored every --eval_task_interval steps
     prompts: list[str]
     state: LoopState = field(default_factory=LoopState)
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
@@ -123,6 +123,21 @@ def compile_wanted(run: RunConfig, device: torch.device, zero_stage: int) -> boo
     return wanted
 
 
+def load_eval_tasks(run: RunConfig) -> tuple[tasks.Task | None, list[tasks.Task]]:
+    """HellaSwag for --hellaswag_interval, and the --eval_tasks, read and checked before any work."""
+    data, cfg = run.data, run.train
+    hellaswag = tasks.load_task("hellaswag", {"hellaswag": data.hellaswag_file} if data.hellaswag_file else {},
+                                data.hellaswag_limit) if cfg.hellaswag_interval else None
+    if not (data.eval_tasks and cfg.eval_task_interval):
+        return hellaswag, []
+    files = tasks.parse_task_files(data.eval_task_file)
+    names = tasks.task_names(data.eval_tasks, files)
+    if "bpb" in names:
+        raise UserError("--eval_tasks bpb: bits per byte is logged as val_bpb beside val_loss every --eval_interval "
+                        "steps, over the same batches")
+    return hellaswag, tasks.load_tasks(names, files, data.eval_task_limit)
+
+
 def prepare_demo_data(run: RunConfig) -> Path:
     """No --data_dir: the job's bundled sample, prepared once into <log_dir>/data."""
     out = Path(run.train.log_dir) / "data"
@@ -181,7 +196,7 @@ def set_up(run: RunConfig) -> Session:
         checkpoint.check_resumable(resume_meta, resume_dir, meta)
         if resume_meta.get("kind") == "universal":
             ds_config = engine.universal_load_config(ds_config)
-    hellaswag_items = load_hellaswag(data.hellaswag_file, data.hellaswag_limit) if cfg.hellaswag_interval else []
+    hellaswag, eval_tasks = load_eval_tasks(run)
     # No --max_steps (fine-tuning's default): one epoch of the training split.
     max_steps = cfg.max_steps or max(1, train_loader.batches_per_epoch() // cfg.grad_accum_steps)
 
@@ -206,8 +221,8 @@ def set_up(run: RunConfig) -> Session:
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (dropout) from here on
 
     s = Session(run, info, eng, DeviceBatches(train_loader, info.device), training_data, model_config, batch,
-                max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag_items,
-                sample_prompts(training_data.kinds))
+                max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag,
+                eval_tasks, sample_prompts(training_data.kinds))
     if resume_dir is not None:
         s.state.step = s.resumed_from_step = checkpoint.load(eng, resume_dir, *s.stateful)
         s.state.val_loss = s.state.val_loss if s.state.val_loss is not None else resume_meta.get("val_loss")

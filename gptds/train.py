@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, dist, engine
+from gptds import checkpoint, dist, engine, tasks
 from gptds.config import RunConfig
 from gptds.errors import UserError
-from gptds.evaluate import hellaswag_scores, validation_loss
+from gptds.evaluate import run_task, validation_metrics
 from gptds.generate import sample
-from gptds.metrics import Console, MetricsLogger, Progress, hms
+from gptds.metrics import Console, MetricsLogger, hms
 from gptds.model import token_losses
 from gptds.session import Session, set_up
 from gptds.tokenizer import decode
@@ -60,8 +60,10 @@ def train(run: RunConfig) -> Session:
                     s.batches_since_eval.append(outcome.loss)
                     if _due(cfg.eval_interval, state.step, last):
                         log_validation(s, log, console)
-                    if s.hellaswag_items and _due(cfg.hellaswag_interval, state.step, last):
-                        log_hellaswag(s, log, console)
+                    if s.hellaswag and _due(cfg.hellaswag_interval, state.step, last):
+                        log_tasks(s, log, console, [s.hellaswag])
+                    if s.eval_tasks and _due(cfg.eval_task_interval, state.step, last):
+                        log_tasks(s, log, console, s.eval_tasks)
                     if _due(cfg.generate_interval, state.step, last):
                         log_samples(s, log, console)
                 if outcome.stop_requested or (outcome.applied and _due(run.checkpoint.checkpoint_interval,
@@ -174,18 +176,23 @@ def log_step(s: Session, log: MetricsLogger, console: Console, outcome: StepOutc
 
 
 def log_validation(s: Session, log: MetricsLogger, console: Console) -> None:
-    """Validation loss and perplexity; warns when validation rises while training loss falls."""
+    """Validation loss, perplexity and bits per byte (the same batches); warns when validation rises while
+    training loss falls."""
     s.eng.eval()
-
-    def loss_on(loader) -> float:
-        return validation_loss(lambda x, y: s.eng(x, y)[1], loader, s.run.data.eval_batches, s.info.device)
-    val_loss = loss_on(s.data.val)
-    by_component = {f"val_loss/{name}": loss_on(loader) for name, loader in s.data.components}
-    s.state.val_loss = val_loss
+    by_component = {}
+    for name, loader in [("", s.data.val), *s.data.components]:
+        val = validation_metrics(lambda x, y: s.eng(x, y), loader, s.run.data.eval_batches, s.info.device,
+                                 s.model_config.vocab_size)
+        if not name:
+            overall = val
+        else:
+            by_component[f"val_loss/{name}"] = val["val_loss"]
+    val_loss = s.state.val_loss = overall["val_loss"]
     perplexity = math.exp(min(val_loss, 50))
-    log.log(s.state.step, {"val_loss": val_loss, "val_perplexity": perplexity, **by_component})
-    console.write(f"step {s.state.step}: val_loss {val_loss:.4f} (perplexity {perplexity:.1f})"
-                  + "".join(f", {k} {v:.4f}" for k, v in by_component.items()))
+    log.log(s.state.step, {"val_loss": val_loss, "val_perplexity": perplexity, "val_bpb": overall["val_bpb"],
+                           **by_component})
+    console.write(f"step {s.state.step}: val_loss {val_loss:.4f} (perplexity {perplexity:.1f}, "
+                  f"bpb {overall['val_bpb']:.4f})" + "".join(f", {k} {v:.4f}" for k, v in by_component.items()))
     mean_train = sum(s.batches_since_eval) / len(s.batches_since_eval)
     warning = overfitting_warning(s.previous_eval, (val_loss, mean_train))
     if warning:
@@ -203,15 +210,19 @@ def overfitting_warning(before: tuple[float, float] | None, now: tuple[float, fl
             f"may generalise better")
 
 
-def log_hellaswag(s: Session, log: MetricsLogger, console: Console) -> None:
+def log_tasks(s: Session, log: MetricsLogger, console: Console, to_score: list[tasks.Task]) -> None:
+    """The tasks' metrics, every rank scoring its share of the items (ZeRO-3 ranks kept in step)."""
     s.eng.eval()
-    progress = Progress(len(s.hellaswag_items), f"step {s.state.step}: HellaSwag", "items", s.info.is_main,
-                        write=console.write)
-    scores = hellaswag_scores(lambda x: s.eng(x)[0], s.hellaswag_items, s.model_config.block_size, s.info.device,
-                              progress)
-    log.log(s.state.step, {k: v for k, v in scores.items() if k != "n"})
-    console.write(f"step {s.state.step}: HellaSwag acc {scores['hellaswag_acc']:.4f} "
-                  f"acc_norm {scores['hellaswag_acc_norm']:.4f} (n={scores['n']})")
+    fmt = tasks.prompt_format(s.meta.get("chat_format"))
+    for task in to_score:
+        scores = run_task(s.eng.module, task, s.model_config.block_size, s.info.device, fmt=fmt,
+                          seed=s.run.train.seed, show_progress=True,
+                          progress_write=lambda line: console.write(f"step {s.state.step}: {line}"))
+        log.log(s.state.step, {k: v for k, v in scores.items() if not k.endswith("_n")})
+        shown = {k: v for k, v in scores.items() if not k.endswith("_n")
+                 and not (k.startswith("mmlu_") and k not in ("mmlu_acc", "mmlu_acc_micro"))}  # not per subject
+        line = " ".join(f"{k.removeprefix(task.name + '_')} {v:.4f}" for k, v in shown.items())
+        console.write(f"step {s.state.step}: {task.name} {line} (n={scores[task.name + '_n']})")
 
 
 def log_samples(s: Session, log: MetricsLogger, console: Console) -> None:
@@ -303,5 +314,5 @@ class Clock:
             return None
         self.warned = True
         return (f"WARNING: {100 * share:.0f}% of the wall time went to evaluation, HellaSwag, samples and "
-                f"checkpoints, not training; raise --eval_interval, --hellaswag_interval, --generate_interval "
-                f"and --checkpoint_interval (see the README's GPU settings)")
+                f"checkpoints, not training; raise --eval_interval, --hellaswag_interval, --eval_task_interval, "
+                f"--generate_interval and --checkpoint_interval (see the README's GPU settings)")

@@ -9,7 +9,8 @@ optimizer-state bytes per parameter from the optimizer after the run, as a user 
 
 Optional per scenario, for the reliability tests:
 - "fault": {"kind", "rank", ...}: a failure injected on purpose, in this process only (monkeypatches,
-  undone after the scenario), on rank "rank" (all ranks when absent); see FAULTS.
+  undone after the scenario), on rank "rank" (all ranks when absent); see FAULTS (early_eot is not a
+  failure: it makes one rank's generated answers shorter than the others').
 - "cli": true: run argv through gptds.__main__.main, as `gptds` does (a UserError is one line on stderr,
   exit status 2), and exit with its status when that is not 0: a rank that fails alone leaves the others
   waiting in a collective, and the launcher ends them. Such a scenario comes last in its launch."""
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, dist, engine
+from gptds import checkpoint, dist, engine, generate
 from gptds.__main__ import build_parser
 from gptds.__main__ import main as cli_main
 from gptds.config import run_config_from_flags
 from gptds.model import GPT
+from gptds.tokenizer import EOT_ID
 from gptds.train import train
 
 
@@ -104,7 +106,19 @@ def kill_in_write_meta(fault: dict):
     return patched(checkpoint, "write_meta", write_meta)
 
 
-FAULTS = {"nan_loss": nan_loss, "kill_in_save": kill_in_save, "enospc_in_save": enospc_in_save,
+def early_eot(fault: dict):
+    """Generation on this rank emits <|endoftext|> in every row from its `after`-th sampling step on: its
+    answers end early while the other ranks' go on (the evaluation's lock-step test)."""
+    original, count = generate.next_token_of, [0]
+
+    def next_token_of(logits, *args):
+        count[0] += 1
+        tokens = original(logits, *args)
+        return tokens.fill_(EOT_ID) if count[0] > fault["after"] else tokens
+    return patched(generate, "next_token_of", next_token_of)
+
+
+FAULTS = {"nan_loss": nan_loss, "early_eot": early_eot, "kill_in_save": kill_in_save, "enospc_in_save": enospc_in_save,
           "kill_in_write_meta": kill_in_write_meta}
 
 

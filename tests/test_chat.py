@@ -219,31 +219,31 @@ def test_interactive_chat_in_a_real_terminal(chat_weights):
                                   "--max_new_tokens", "8", "--temperature", "0"])
     output = b""
 
-    def read_until(marker: bytes, timeout: float = 60) -> bytes:
+    def append(data: bytes) -> None:
         nonlocal output
-        deadline = time.monotonic() + timeout
-        while marker not in output and time.monotonic() < deadline:
+        output += data
+    def prompts_after(n: int) -> None:  # wait for the n-th "you> " prompt
+        deadline = time.monotonic() + 60
+        while output.count(b"you> ") < n and time.monotonic() < deadline:
             ready, _, _ = select.select([fd], [], [], 0.5)
             if ready:
-                try:
-                    output += os.read(fd, 4096)
-                except OSError:
-                    break
-        assert marker in output, output.decode(errors="replace")
-        return output
-    read_until(b"you> ")
+                append(os.read(fd, 4096))
+        assert output.count(b"you> ") >= n, output.decode(errors="replace")
+
+    prompts_after(1)
     os.write(fd, b"Hello\n")
-    read_until(b"assistant> ")
-    read_until(b"you> ", timeout=60) if output.count(b"you> ") < 2 else None
+    prompts_after(2)
+    assert b"assistant> " in output
     os.write(fd, b"/system Speak like a pirate.\n")
-    read_until(b"system turn set")
+    prompts_after(3)
+    assert b"(system turn set; new conversation)" in output
     os.write(fd, b"/reset\n")
-    read_until(b"new conversation)")
+    prompts_after(4)
+    assert b"\n(new conversation)" in output.replace(b"\r", b"")
     os.write(fd, b"/quit\n")
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert output.count(b"you> ") >= 3
 
 
 def test_chat_refuses_a_model_that_is_not_a_chat_model(tmp_path, capsys):

@@ -56,13 +56,14 @@ def test_pretrain_leaves_checkpoints_events_metrics_and_samples(pipeline):
     for field in ("loss", "lr", "grad_norm", "tokens_per_second", "step_time_ms"):
         assert all(r[field] > 0 for r in train_records), field
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert all(0 < r["val_bpb"] < 20 for r in records if "val_loss" in r)
     hellaswag = [r for r in records if "hellaswag_acc_norm" in r]
     assert len(hellaswag) == 1 and 0 <= hellaswag[0]["hellaswag_acc_norm"] <= 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(pre / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss", "lr", "grad_norm", "tokens_per_second", "val_loss", "val_perplexity", "hellaswag_acc",
-            "hellaswag_acc_norm"} <= tags
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "val_loss", "val_perplexity", "val_bpb", "hellaswag_acc",
+            "hellaswag_acc_norm", "hellaswag_acc_norm_token"} <= tags
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     samples = (pre / "samples.txt").read_text()
     assert "=== step 6" in samples and "[ROMEO:]" in samples and "[The meaning of life is]" in samples
@@ -87,7 +88,7 @@ def test_generate_and_evaluate_read_a_zero3_training_checkpoint(pipeline, text_d
     ev = run([str(BIN / "gptds"), "evaluate", "--checkpoint", ckpt, "--hellaswag_limit", "8",
               "--data_dir", str(text_data), "-T", "32", "--eval_batches", "2"])
     result = json.loads(ev.stdout)  # stdout is exactly the JSON
-    assert result["n"] == 8 and 0 <= result["hellaswag_acc"] <= 1 and 0 <= result["hellaswag_acc_norm"] <= 1
+    assert result["hellaswag_n"] == 8 and 0 <= result["hellaswag_acc"] <= 1 and 0 <= result["hellaswag_acc_norm"] <= 1
     assert 0 < result["val_loss"] < 20
 
 
