@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 
+from gptds import dist
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
 from gptds.convert import CONVERSIONS
 from gptds.data.prepare import PrepareDollyConfig, PrepareTextConfig, prepare_dolly, prepare_text
-from gptds.errors import UserError
+from gptds.errors import EveryRankError, UserError
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
+from gptds.staging import free_space
 from gptds.train import train
 
 
@@ -86,15 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"gptds {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, EveryRankError) or dist.prints_shared_errors():  # the same line from every rank: once
+            print(f"gptds {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not a bug: a full disk, a folder without write permission
         where = f"{e.filename}: " if e.filename else ""
-        print(f"gptds {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        free = free_space(e.filename or ".") if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"gptds {args.command}: error: {where}{e.strerror or e}{free}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"gptds {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not dist.peer_failed(e):
+            raise
+        print(f"gptds {args.command}: rank {dist.info().rank} stopped: another rank failed (its error is above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -142,27 +142,39 @@ def discarding_gradients(engine):
 
 # ---------------------------------------------------------------- saving
 
-def save_naming_the_file(engine):
-    """A context for engine.save_checkpoint in which a failed write raises OSError naming the file.
-    torch.save (DeepSpeed's TorchCheckpointEngine.save) reports a full disk as a RuntimeError
-    ("[enforce fail at inline_container.cc:...]") with neither errno nor path, so the user would not learn
-    which file or disk. Wraps engine.checkpoint_engine.save (an attribute of the engine since 0.10).
-    Checked on CHECKED_ON; tests: tests/test_reliability.py (ENOSPC mid-save)."""
+def writing_files_through(engine, open_file):
+    """A context for engine.save_checkpoint in which every file DeepSpeed writes goes into open_file(path),
+    a file object gptds controls (checkpoint.ChecksummedFile: it checksums the bytes as they are written
+    and keeps the OSError of a failed write), and in which a failed write does not raise. Yields the list
+    of the file objects used. Why: torch.save reports a failed write (a full disk) as a RuntimeError
+    "[enforce fail at inline_container.cc:...] unexpected pos" with neither the errno nor the path; and a
+    rank that raises half-way through save_checkpoint leaves the others waiting in its barrier until the
+    launcher kills them (a gloo traceback each). Here every rank finishes save_checkpoint and the caller
+    reads each file's outcome (.error) and agrees with the other ranks on it. Wraps
+    engine.checkpoint_engine.save (an attribute of the engine since 0.10); the default
+    TorchCheckpointEngine.save(state_dict, path) is torch.save(state_dict, path, ...), which takes a file
+    object as well as a path. Checked on CHECKED_ON; tests: tests/test_reliability.py (ENOSPC mid-save)."""
     import contextlib
 
     @contextlib.contextmanager
     def patched():
         write = engine.checkpoint_engine.save
+        opened = []
 
-        def write_naming_the_file(state_dict, path):
+        def write_through(state_dict, path):
+            f = open_file(path)
+            opened.append(f)
             try:
-                write(state_dict, path)
-            except RuntimeError as e:
-                raise OSError(None, str(e).partition("\n")[0], path) from e
+                write(state_dict, f)
+            except (OSError, RuntimeError):
+                if f.error is None:  # not a failed write: a bug, with its traceback
+                    raise
+            finally:
+                f.close()
 
-        engine.checkpoint_engine.save = write_naming_the_file
+        engine.checkpoint_engine.save = write_through
         try:
-            yield
+            yield opened
         finally:
             engine.checkpoint_engine.save = write
     return patched()

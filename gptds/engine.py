@@ -172,10 +172,12 @@ def optimizer_state_tensors(engine) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- engine state on disk
 
-def save(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
-    """Every rank writes its shard into checkpoint_dir/tag; DeepSpeed's own `latest` file is not used
-    (checkpoint.py's meta.json marks a complete checkpoint). A file that cannot be written raises OSError
-    naming it."""
+def save(engine, checkpoint_dir: Path, tag: str, client_state: dict, open_file) -> list:
+    """Every rank writes its shard into checkpoint_dir/tag, each file through open_file(path) (a file object
+    that checksums what is written and keeps a failed write's OSError as .error); returns this rank's file
+    objects. A failed write does not raise: every rank completes DeepSpeed's save, and the caller decides
+    with the other ranks (checkpoint.save). DeepSpeed's own `latest` file is not used (checkpoint.py's
+    meta.json marks a complete checkpoint)."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -184,8 +186,9 @@ def save(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
     # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    with workarounds.save_naming_the_file(engine):
+    with workarounds.writing_files_through(engine, open_file) as written:
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    return written
 
 
 def load(engine, step_dir: Path) -> dict:

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from gptds import dist
-from gptds.config import flag, require
+from gptds.config import check_flags, flag, require
 from gptds.data.loaders import build_loader
-from gptds.errors import UserError
-from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode
+from gptds.errors import UserError, parse_json
+from gptds.tokenizer import ASSETS_DIR, EOT_ID, encode, is_blank
 from gptds.weights import load_model
 
 BUNDLED_HELLASWAG = ASSETS_DIR / "hellaswag_sample.jsonl"
@@ -39,7 +39,7 @@ def validation_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 
 def load_hellaswag(path: str | Path | None, limit: int = 0) -> list[dict]:
-    """Items {ctx, endings[4], label}; errors name the file and line."""
+    """Items {ctx, endings[4], label}; errors name the file, line and field."""
     path = Path(path) if path else BUNDLED_HELLASWAG
     items = []
     try:
@@ -52,21 +52,34 @@ def load_hellaswag(path: str | Path | None, limit: int = 0) -> list[dict]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = parse_json(line, f"{path}:{lineno}")
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        for field, kind in (("ctx", str), ("endings", list), ("label", int)):
-            if not isinstance(item.get(field), kind):
-                raise UserError(f"{path}:{lineno}: field {field!r} missing or not a {kind.__name__}")
-        if len(item["endings"]) != 4 or not all(isinstance(e, str) for e in item["endings"]) \
-                or not 0 <= item["label"] < 4:
-            raise UserError(f"{path}:{lineno}: expected 4 string endings and a label in 0..3")
-        items.append(item)
+        items.append(check_hellaswag_item(item, f"{path}:{lineno}"))
         if limit and len(items) >= limit:
             break
     if not items:
         raise UserError(f"{path}: no HellaSwag items")
     return items
+
+
+def check_hellaswag_item(item, where: str) -> dict:
+    """An item with a non-blank ctx, 4 non-blank string endings and an integer label 0..3; anything else is
+    refused: a blank ending is scored on the lone space token and can win, so it would count as correct."""
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object with ctx, endings, label; got a JSON {type(item).__name__}")
+    for field, kind in (("ctx", str), ("endings", list), ("label", int)):
+        value = item.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{where}: field {field!r} missing or not a {kind.__name__}")
+    endings, label = item["endings"], item["label"]
+    if len(endings) != 4 or not all(isinstance(e, str) for e in endings) or not 0 <= label < 4:
+        raise UserError(f"{where}: expected 4 string endings and a label in 0..3")
+    blank = [i for i, e in enumerate(endings) if is_blank(e)]
+    if blank or is_blank(item["ctx"]):
+        what = f"ending {blank[0]}" if blank else "ctx"
+        raise UserError(f"{where}: {what} is empty or blank; every item needs a context and 4 non-empty endings")
+    return item
 
 
 def hellaswag_rows(item: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +137,7 @@ class EvaluateConfig:
     eval_batches: int = flag(20, "validation batches")
 
     def __post_init__(self):
+        check_flags(self, "evaluate")
         require(self.hellaswag_limit >= 0, "evaluate", "hellaswag_limit", self.hellaswag_limit, "0 (all) or more")
         for name in ("batch_size", "eval_batches"):
             require(getattr(self, name) > 0, "evaluate", name, getattr(self, name), "a positive integer")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptds.config import flag, require
+from gptds.config import SEEDS, check_flags, flag, require
 from gptds.tokenizer import EOT_ID, decode, encode
 from gptds.weights import load_model
 
@@ -37,13 +37,15 @@ def sample(model: torch.nn.Module, prompts: list[str], max_new_tokens: int, temp
 class GenerateConfig:
     """`gptds generate`'s settings."""
     checkpoint: str = flag(None, "gptds weights, training checkpoint or Hugging Face GPT-2 folder", required=True)
-    prompt: str = flag(None, "the text to continue", required=True)
+    prompt: str = flag(None, "the text to continue (may be empty: sampling starts from <|endoftext|>)",
+                       required=True, blank_ok=True)
     max_new_tokens: int = flag(64, "tokens to generate at most (fewer if <|endoftext|> comes first)")
     temperature: float = flag(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = flag(None, "sample from the k most likely tokens only (omitted: all)")
-    seed: int = flag(1337, "sampling seed")
+    seed: int = flag(1337, "sampling seed", limits=SEEDS)
 
     def __post_init__(self):
+        check_flags(self, "generate")
         require(self.max_new_tokens > 0, "generate", "max_new_tokens", self.max_new_tokens, "a positive integer")
         require(self.temperature >= 0, "generate", "temperature", self.temperature, "0 (greedy) or more")
         require(self.top_k is None or self.top_k > 0, "generate", "top_k", self.top_k,

@@ -16,9 +16,10 @@ from gptds.data.loaders import DeviceBatches, build_loader, manifest_sha256
 from gptds.errors import UserError
 from gptds.evaluate import load_hellaswag
 from gptds.jobs import JOBS
+from gptds.locks import FolderLock
 from gptds.metrics import flops_per_token, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend
-from gptds.staging import check_writable
+from gptds.staging import check_no_overlap, check_writable
 from gptds.weights import load_model, read_config
 
 
@@ -59,6 +60,7 @@ class Session:
     peak_flops: float | None
     hellaswag_items: list
     prompts: list[str]
+    locks: list[FolderLock]      # the run folder's and checkpoint folder's (held by rank 0; release() at the end)
     state: LoopState = field(default_factory=LoopState)
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
     batches_since_eval: list[float] = field(default_factory=list)  # training losses since the last evaluation
@@ -102,20 +104,58 @@ def prepare_demo_data(run: RunConfig) -> Path:
 
 
 def set_up(run: RunConfig) -> Session:
-    """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; then build the
-    model, the engine and the loaders, and load the checkpoint."""
+    """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; take the run's
+    folders (one run per folder); then build the model, the engine and the loaders, and load the checkpoint."""
     info = dist.init_distributed()
-    cfg, data, job = run.train, run.data, JOBS[run.job]
+    cfg, data = run.train, run.data
     batch = run.batch(info.world_size)
 
     check_writable(cfg.log_dir, "--log_dir")
     check_writable(run.checkpoint_dir, "--checkpoint_dir")
     ds_config_path, ds_config = load_ds_config(run, batch)
+    inputs = [("--data_dir", data.data_dir), ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint),
+              ("--hellaswag_file", data.hellaswag_file), ("--deepspeed_config", ds_config_path)]
+    check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
+    check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
     engine.check_precision_supported(ds_config_path, ds_config)
     model_config, model_source = model_config_for(run)
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
+    locks: list[FolderLock] = []
+    dist.on_main(lambda: locks.extend(lock_run_folders(run)))  # rank 0 holds them; every rank learns if it could
+    try:
+        return _build(run, info, batch, ds_config_path, ds_config, model_config, model_source, locks)
+    except BaseException:
+        release(locks, undo=True)  # and remove the folders the lock created, if the run wrote nothing there
+        raise
+
+
+def lock_run_folders(run: RunConfig) -> list[FolderLock]:
+    """The run folder and the checkpoint folder, each locked for this run (waiting up to --lock_wait_s for a
+    run that holds one to end); UserError naming the holder otherwise."""
+    held, seen = [], set()
+    try:
+        for flag, folder in (("--log_dir", run.train.log_dir), ("--checkpoint_dir", run.checkpoint_dir)):
+            if Path(folder).resolve() not in seen:
+                seen.add(Path(folder).resolve())
+                held.append(FolderLock(Path(folder), flag).acquire(run.train.lock_wait_s, dist.print0))
+    except BaseException:
+        release(held, undo=True)
+        raise
+    return held
+
+
+def release(locks: list[FolderLock], undo: bool = False) -> None:
+    for lock in reversed(locks):
+        lock.release(undo)
+    locks.clear()
+
+
+def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Path, ds_config: dict,
+           model_config: GPTConfig, model_source: str, locks: list[FolderLock]) -> Session:
+    """set_up's second half, inside the run's folders: data, the checkpoint to resume, model, engine."""
+    cfg, data, job, ck = run.train, run.data, JOBS[run.job], run.checkpoint
     data_dir = Path(data.data_dir) if data.data_dir else prepare_demo_data(run)
     train_loader = build_loader(data_dir, "train", data.micro_batch_size, data.context_length, info.rank,
                                 info.world_size, cfg.seed)
@@ -125,9 +165,9 @@ def set_up(run: RunConfig) -> Session:
     if kind != job.data_kind:
         raise UserError(f"{data_dir}: holds {kind!r} data; `gptds {run.job}` needs data from "
                         f"`{job.prepare_command}`")
-    ck = run.checkpoint
-    resume_dir = checkpoint.resume_target(run.checkpoint_dir, ck)
-    resume_meta = checkpoint.verify(resume_dir) if resume_dir else None
+    # Rank 0 finds and verifies (reads every byte of) the checkpoint to resume; the other ranks take its word.
+    resume_dir = dist.on_main(lambda: checkpoint.resume_target(run.checkpoint_dir, ck))
+    resume_meta = checkpoint.verify(resume_dir, "sizes") if resume_dir else None
     meta = {"job": run.job, "model_config": model_config.to_dict(), "run_config": run.to_dict(),
             "data_dir": str(data_dir), "data_source": train_loader.manifest.get("source"),
             "data_manifest_sha256": manifest_sha256(data_dir), "world_size": info.world_size,
@@ -161,7 +201,7 @@ def set_up(run: RunConfig) -> Session:
 
     s = Session(run, info, eng, DeviceBatches(train_loader, info.device), val_loader, model_config, batch,
                 max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag_items,
-                job.sample_prompts())
+                job.sample_prompts(), locks)
     if resume_dir is not None:
         s.state.step = s.resumed_from_step = checkpoint.load(eng, resume_dir, *s.stateful)
         s.state.val_loss = s.state.val_loss if s.state.val_loss is not None else resume_meta.get("val_loss")

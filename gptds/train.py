@@ -19,7 +19,7 @@ from gptds.errors import UserError
 from gptds.evaluate import hellaswag_scores, validation_loss
 from gptds.generate import sample
 from gptds.metrics import Console, MetricsLogger, hms
-from gptds.session import Session, set_up
+from gptds.session import Session, release, set_up
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
 OVERHEAD_WARNING_SHARE = 0.10    # warn when evaluation, samples and checkpoints take more of the wall time...
@@ -73,6 +73,7 @@ def train(run: RunConfig) -> Session:
         stop.restore()
         console.close()
         log.close()
+        release(s.locks)
     return s
 
 

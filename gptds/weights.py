@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gptds import checkpoint, engine
-from gptds.errors import UserError, read_json_object
+from gptds.errors import UserError, parse_json, read_json_object
 from gptds.model import GPT, GPTConfig
 from gptds.tokenizer import write_hf_tokenizer_files
 
@@ -168,7 +168,11 @@ def read_gptds_config(path: Path) -> GPTConfig:
 def _gptds_config(path: Path, metadata: dict) -> GPTConfig:
     if "gptds_config" not in metadata:
         raise WeightsError(f"{path}: safetensors weights without gptds_config metadata (not written by gptds)")
-    return GPTConfig.from_dict(json.loads(metadata["gptds_config"]))
+    try:
+        config = parse_json(metadata["gptds_config"], f"{path}: gptds_config metadata")
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: gptds_config metadata is not valid JSON ({e.msg})") from None
+    return GPTConfig.from_dict(config)
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2

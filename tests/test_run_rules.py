@@ -33,7 +33,7 @@ def _fake_checkpoint(checkpoint_dir, step: int):
     step_dir = checkpoint_dir / checkpoint.step_tag(step)
     step_dir.mkdir(parents=True)
     (step_dir / "shard.pt").write_bytes(b"x" * step)
-    checkpoint.write_meta(step_dir, {"step": step})
+    checkpoint.write_meta(step_dir, {**FAKE_META, "step": step})
     return step_dir
 
 
@@ -62,6 +62,10 @@ def test_resuming_an_older_step_into_a_folder_with_newer_ones_is_refused(tmp_pat
 
 META = {"model_config": GPTConfig.from_preset("tiny").to_dict(), "data_manifest_sha256": "ab" * 32,
         "world_size": 2, "zero_stage": 2}
+# Everything a real meta.json holds (checkpoint.META_FIELDS)
+RUN = {"data": {"micro_batch_size": 2, "context_length": 32}, "train": {"grad_accum_steps": 1, "seed": 5}}
+FAKE_META = {**META, "job": "pretrain", "run_config": RUN, "optimizer": "adamw", "precision": "fp32",
+             "kind": "deepspeed"}
 
 
 def test_another_world_size_offers_the_universal_conversion_only_where_it_exists(tmp_path):

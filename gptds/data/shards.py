@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptds.errors import UserError
+from gptds.errors import UserError, parse_json
 
 FORMAT = "gptds-shards"
 VERSION = 1
@@ -133,7 +133,7 @@ def load_manifest(data_dir) -> dict:
         raise UserError(f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset; "
                         f"prepare one with {PREPARE_HINT}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = parse_json(path.read_text(), str(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); prepare the data again with {PREPARE_HINT}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
