@@ -46,6 +46,18 @@ def _stdout_is_data(fn):
     return run
 
 
+def _streamed_to_stdout(fn):
+    """For commands whose stdout is their result, written as it is produced: fn(settings, out=stdout) writes
+    it, while library chatter goes to stderr."""
+    def run(settings):
+        out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            fn(settings, out=out)
+        out.write("\n")
+        out.flush()
+    return run
+
+
 def _local_rank(parser: argparse.ArgumentParser) -> None:
     """`deepspeed` (without --no_local_rank) and torch.distributed.launch pass --local_rank=N, before the
     subcommand or after it; the rank's device comes from the LOCAL_RANK environment variable either way."""
@@ -72,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         _local_rank(p)
         p.set_defaults(func=_train(job))
 
-    _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
-             _stdout_is_data(lambda cfg: cfg.prompt + generate_from_checkpoint(cfg)))
+    _command(sub, "generate", "continue a prompt with a model (printed as it is generated)", GenerateConfig,
+             _streamed_to_stdout(generate_from_checkpoint))
     _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
              _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 

@@ -341,10 +341,10 @@ def prune(checkpoint_dir: Path, keep_last_n: int, say=dist.print0) -> list[Path]
     if keep_last_n != -1:
         doomed += intact[:-max(1, keep_last_n)]
     for p in sorted(doomed, key=step_of):
+        why = f" ({broken[p]})" if p in broken and (p / META_FILE).exists() else ""  # a partial save needs none
         shutil.rmtree(p, ignore_errors=True)
         if say:
-            say(f"removed {'old' if p not in broken else 'unusable'} checkpoint {p.name}"
-                + (f" ({broken[p]})" if p in broken and (p / META_FILE).exists() else ""))
+            say(f"removed {'unusable' if p in broken else 'old'} checkpoint {p.name}{why}")
     return doomed
 
 

@@ -148,10 +148,10 @@ class EvaluateConfig:
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:
     """`gptds evaluate`: HellaSwag (and validation loss with data_dir) of any model path, one process."""
     info = dist.init_distributed()
+    items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit)  # a bad file is refused before the model loads
     model = load_model(cfg.checkpoint).to(info.device).eval()
     block = model.config.block_size
-    result = hellaswag_scores(lambda x: model(x)[0], load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit), block,
-                              info.device)
+    result = hellaswag_scores(lambda x: model(x)[0], items, block, info.device)
     result["val_loss"] = None
     if cfg.data_dir:
         T = cfg.context_length or block

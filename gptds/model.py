@@ -5,6 +5,7 @@ sampling with a KV cache. Parameter names are Hugging Face GPT2LMHeadModel's, so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -218,11 +219,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 stop_token: int | None = None) -> torch.Tensor:
+                 stop_token: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens, sampling at `temperature` (0 = greedy) from the
-        top_k most likely tokens. Rows that emit stop_token are padded with it; generation ends when
-        every row has. Inside block_size each new token costs one cached step; beyond it the context
-        slides (the last block_size tokens are re-encoded for each further token)."""
+        top_k most likely tokens; on_token(next_token (B, 1)) is called as each is drawn (streaming). Rows
+        that emit stop_token are padded with it; generation ends when every row has.
+        Each new token costs one cached step. Past block_size: GPT-2's positions are learned and absolute,
+        so the cache cannot roll; when it is full, the last block_size // 2 tokens are encoded again from
+        position 0 and generation goes on from there. So every token is predicted from at least the last
+        block_size // 2 tokens and at most block_size, and the cost per token stays bounded (one re-encoding
+        of block_size // 2 tokens per block_size // 2 new ones), however many are asked for."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         block = self.config.block_size
@@ -245,11 +250,13 @@ class GPT(nn.Module):
                 next_token = next_token.masked_fill(done[:, None], stop_token)
                 done |= next_token[:, 0] == stop_token
             idx = torch.cat([idx, next_token], dim=1)
+            if on_token is not None:
+                on_token(next_token)
             if stop_token is not None and bool(done.all()):
                 break
             if cache.pos < block:
                 logits, _ = self(next_token, kv_cache=cache)
-            else:  # window full: re-encode the last block_size tokens
+            else:  # cache full: encode the last half-window again, from position 0
                 cache.pos = 0
-                logits, _ = self(idx[:, -block:], kv_cache=cache)
+                logits, _ = self(idx[:, -(block // 2):], kv_cache=cache)
         return idx

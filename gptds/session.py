@@ -115,8 +115,8 @@ def set_up(run: RunConfig) -> Session:
     ds_config_path, ds_config = load_ds_config(run, batch)
     inputs = [("--data_dir", data.data_dir), ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint),
               ("--hellaswag_file", data.hellaswag_file), ("--deepspeed_config", ds_config_path)]
-    check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
     check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
+    check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
     engine.check_precision_supported(ds_config_path, ds_config)
     model_config, model_source = model_config_for(run)
     if data.context_length > model_config.block_size:

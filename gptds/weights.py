@@ -21,6 +21,7 @@ from tqdm import tqdm
 from gptds import checkpoint, engine
 from gptds.errors import UserError, parse_json, read_json_object
 from gptds.model import GPT, GPTConfig
+from gptds.staging import recover
 from gptds.tokenizer import write_hf_tokenizer_files
 
 # Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
@@ -328,6 +329,8 @@ def load_checkpoint_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torc
 # ---------------------------------------------------------------- any path
 
 def _kind(path: Path) -> str:
+    if not path.exists():
+        recover(path)  # a `convert --overwrite` killed between its two renames: its previous output
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     if is_hf_directory(path):
