@@ -315,8 +315,8 @@ def resolve(path: str | Path) -> Path:
     if latest is None:
         if not reasons:
             raise UserError(f"{path}: no complete checkpoint here (no step_* folders)")
-        raise UserError(f"{path}: no complete checkpoint here (incomplete: "
-                        f"{', '.join(p.name for p in step_dirs(path))}; {reasons[0].split(': ', 1)[1]})")
+        raise UserError(f"{path}: no complete and intact checkpoint here (skipped: "
+                        f"{', '.join(p.name for p in step_dirs(path))}; the newest: {reasons[0].split(': ', 1)[1]})")
     for reason in reasons:
         dist.print0(reason)
     return latest

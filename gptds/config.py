@@ -72,7 +72,8 @@ def check_flags(settings, section: str) -> None:
                 continue
             if isinstance(v, int):
                 lo, hi = f.metadata.get("limits") or INT64
-                require(lo <= v <= hi, section, f.name, v, f"an integer from {lo} to {hi}")
+                require(lo <= v <= hi, section, f.name, v, f"an integer from {lo} to {hi}" if f.metadata.get("limits")
+                        else "an integer that fits in 64 bits, which torch and numpy take")
             elif isinstance(v, float):
                 require(math.isfinite(v), section, f.name, v, "a finite number")
             elif isinstance(v, str) and not f.metadata.get("blank_ok"):
@@ -217,7 +218,7 @@ def resume_rules() -> list[tuple[str, str, str]]:
 
 def resume_rules_markdown() -> str:
     """The README's table of what a resume may change, generated from the flags' own classification."""
-    rows = ["| flag | on resume | |", "| --- | --- | --- |"]
+    rows = ["| flag | on resume | what it decides |", "| --- | --- | --- |"]
     rows += [f"| `{name}` | {rule} | {why} |" for name, rule, why in resume_rules()]
     return "\n".join(rows) + "\n"
 

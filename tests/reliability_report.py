@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-TOTALS = ("faults_injected", "runs_resumed_exactly", "inputs_tried", "inputs_refused_cleanly", "data_lost")
+TOTALS = ("faults_injected", "runs_resumed_exactly", "inputs_tried", "inputs_refused_cleanly",
+          "inputs_accepted_correctly", "data_lost")
 
 
 def report_path() -> Path | None:

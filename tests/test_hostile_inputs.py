@@ -274,7 +274,8 @@ CASES = {
     "deep: an evaluation item": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
                                   IN + "/deep_eval.jsonl"], r"deep_eval\.jsonl:1: JSON nested too deeply"),
     "deep: a checkpoint's meta.json": (["convert", "zero-to-fp32", IN + "/ckpt_deep_meta", OUT],
-                                       r"ckpt_deep_meta: no complete checkpoint here .*JSON nested too deeply"),
+                                       r"ckpt_deep_meta: no complete and intact checkpoint here .*JSON nested too "
+                                       r"deeply"),
     # a key twice in one object
     "duplicate key: a text record": (["prepare", "text", "--input", IN + "/dup.jsonl", "--output_dir", OUT],
                                      r"dup\.jsonl:1: key 'text' appears twice"),
@@ -337,13 +338,14 @@ CASES = {
     "range: a sampling seed beyond numpy's": (["generate", "--checkpoint", IN + "/garbage.safetensors", "--prompt",
                                                "Hi", "--seed", str(10**20)], r"--seed \(generate\.seed\) = "),
     "range: a micro batch beyond 64 bits": (["pretrain", "-B", str(10**30)],
-                                            r"--micro_batch_size \(data\.micro_batch_size\) = 10{30} is not allowed"),
-    "range: steps beyond 64 bits": (["pretrain", "--max_steps", str(10**30)], r"--max_steps .* an integer from"),
+                                            r"--micro_batch_size \(data\.micro_batch_size\) = 10{30} is not "
+                                            r"allowed: an integer that fits in 64 bits"),
+    "range: steps beyond 64 bits": (["pretrain", "--max_steps", str(10**30)], r"--max_steps .* fits in 64 bits"),
     "range: a million tokeniser processes": (["prepare", "text", "--input", IN + "/corpus", "--output_dir", OUT,
                                               "--num_workers", "1000000"],
                                              r"--num_workers .* an integer from 0 to 256"),
     "range: evaluation batches beyond 64 bits": (["evaluate", "--checkpoint", IN + "/garbage.safetensors",
-                                                  "--eval_batches", str(2**64)], r"--eval_batches .* an integer from"),
+                                                  "--eval_batches", str(2**64)], r"--eval_batches .* fits in 64 bits"),
     "finite: a nan learning rate": (["pretrain", "--lr", "nan"], r"--lr \(train\.lr\) = nan is not allowed: a finite"),
     "finite: an infinite learning rate": (["finetune", "--lr", "inf"], r"--lr \(train\.lr\) = inf is not allowed"),
     "finite: an infinite weight decay": (["pretrain", "--weight_decay", "inf"], r"--weight_decay .* = inf"),
@@ -449,3 +451,20 @@ def test_a_huge_single_line_is_tokenised_not_refused(tmp_path, capsys):
         assert sum(s["num_tokens"] for s in manifest["shards"]) == expected
         FIGURES["inputs_accepted_correctly"] += 1
     capsys.readouterr()
+
+
+def test_blank_documents_among_good_ones_are_skipped_and_counted(tmp_path, capsys):
+    """Whitespace-only, NUL-only and control-character documents add no tokens (each would be an end token
+    or thousands of tokens of nothing); the good document around them is kept exactly."""
+    records = ["To be, or not to be.", " \n\t ", "\0\0\0", "\x0b\x0c\u200b", "that is the question."]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    FIGURES["inputs_tried"] += 1
+    out = tmp_path / "out"
+    assert main(["prepare", "text", "--input", str(tmp_path / "mixed.jsonl"), "--output_dir", str(out),
+                 "--num_workers", "0", "--val_block_tokens", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    from gptds.tokenizer import encode
+    assert (manifest["documents"], manifest["empty_documents"]) == (2, 3)
+    assert sum(s["num_tokens"] for s in manifest["shards"]) == len(encode(records[0])) + len(encode(records[-1])) + 2
+    assert "skipped 3 documents with empty or blank text" in capsys.readouterr().out
+    FIGURES["inputs_accepted_correctly"] += 1

@@ -69,3 +69,17 @@ def test_the_readme_layout_table_matches_the_tree():
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "gptds").glob("*.py") if p.name != "__init__.py"}
     missing = [m for m in modules if m not in named]
     assert not missing, f"modules missing from the README Layout table: {sorted(missing)}"
+
+
+def test_the_readme_reliability_table_is_the_newest_bench_report():
+    """The figures come from bench/reliability.py (which runs the suites and counts), not from a test run."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("reliability_bench", ROOT / "bench" / "reliability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    newest = bench.newest_report()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Reliability"):readme.index("## Benchmarks")]
+    assert f"`bench/results/{newest.name}`" in section, newest.name
+    assert bench.readme_table(json.loads(newest.read_text())) in section
