@@ -212,8 +212,14 @@ RUN_SECTIONS = ("data", "train", "checkpoint")  # RunConfig's fields holding the
 
 def resume_rules() -> list[tuple[str, str, str]]:
     """(flag, MAY_CHANGE or MUST_MATCH, why) for every training flag, in --help order."""
-    return [(f"--{f.name}", *f.metadata["resume"]) for cls in (DataConfig, TrainConfig, CheckpointConfig)
-            for f in dataclasses.fields(cls)]
+    rules = []
+    for cls in (DataConfig, TrainConfig, CheckpointConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("resume") is None:
+                raise ValueError(f"--{f.name} ({cls.__name__}): say what a resume may do with it: "
+                                 f"flag(..., resume=(MAY_CHANGE or MUST_MATCH, why))")
+            rules.append((f"--{f.name}", *f.metadata["resume"]))
+    return rules
 
 
 def resume_rules_markdown() -> str:

@@ -12,7 +12,7 @@ import torch
 
 from gptds import checkpoint, dist, engine
 from gptds.config import Batch, RunConfig, ds_conflict_message, resolve_ds_config_path
-from gptds.data.loaders import DeviceBatches, build_loader, manifest_sha256
+from gptds.data.loaders import DeviceBatches, build_loader, load_manifest, manifest_sha256
 from gptds.errors import UserError
 from gptds.evaluate import load_hellaswag
 from gptds.jobs import JOBS
@@ -113,6 +113,8 @@ def set_up(run: RunConfig) -> Session:
     check_writable(cfg.log_dir, "--log_dir")
     check_writable(run.checkpoint_dir, "--checkpoint_dir")
     ds_config_path, ds_config = load_ds_config(run, batch)
+    if data.data_dir:
+        load_manifest(data.data_dir)  # a folder that is not a prepared dataset is the first thing to say
     inputs = [("--data_dir", data.data_dir), ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint),
               ("--hellaswag_file", data.hellaswag_file), ("--deepspeed_config", ds_config_path)]
     check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
