@@ -33,22 +33,43 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+class _NotFinite(Exception):
+    def __init__(self, text: str):
+        self.text = text
 
 
-def parse_json(text: str, where: str, pos: int | None = None):
+def _finite(text: str) -> float:
+    """parse_float and parse_constant: NaN, Infinity and numbers beyond a float (1e999) are refused; Python's
+    json accepts them (they are not JSON) and a NaN learning rate or epsilon would pass silently."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _NotFinite(text)
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_finite)
+_RECORD_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)  # data records: NaN in an unused column is data
+
+
+def parse_json(text: str, where: str, pos: int | None = None, record: bool = False):
     """json.loads(text) for everything gptds reads, or with `pos` the (value, end) of the JSON value that
     starts there (JSONDecoder.raw_decode). Malformed text raises json.JSONDecodeError, which each reader
     turns into its own message with the line and column; nesting deeper than the parser's recursion limit
-    (a RecursionError) and a key repeated in one object are UserErrors naming `where`."""
+    (a RecursionError), a key repeated in one object and, except in data records (record=True: a NaN in a
+    column nobody reads is data), a number that is not finite (NaN, Infinity, 1e999) are UserErrors naming
+    `where`."""
+    decoder = _RECORD_DECODER if record else _DECODER
     try:
-        return _DECODER.raw_decode(text, pos) if pos is not None else _DECODER.decode(text)
+        return decoder.raw_decode(text, pos) if pos is not None else decoder.decode(text)
     except RecursionError:
         raise UserError(f"{where}: JSON nested too deeply (arrays or objects inside each other beyond what the "
                         f"parser allows); no gptds file needs more than a few levels") from None
     except _DuplicateKey as e:
         raise UserError(f"{where}: key {e.key!r} appears twice in one JSON object (a JSON reader would keep only "
                         f"the last value, silently); remove one of them") from None
+    except _NotFinite as e:
+        raise UserError(f"{where}: the number {e.text} is not finite (NaN and Infinity are not JSON); write a finite "
+                        f"number") from None
 
 
 def read_json_object(path: Path, expected: str = "a JSON object") -> dict:

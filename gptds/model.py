@@ -46,14 +46,18 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple_of"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer below 2**31, got {value!r}")
         if self.n_embd % self.n_head != 0:
+            heads = [h for h in range(1, min(self.n_embd, 4096) + 1) if self.n_embd % h == 0]
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head "
-                             f"({self.n_head}); allowed n_head values: "
-                             f"{[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0]}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+                             f"({self.n_head}); allowed n_head values: {heads}")
+        for name, low_open in (("dropout", False), ("layer_norm_epsilon", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    (0.0 < value if low_open else 0.0 <= value) and value < 1.0):
+                raise ValueError(f"GPTConfig.{name} must be a number in {'(' if low_open else '['}0, 1), "
+                                 f"got {value!r}")
 
     @property
     def padded_vocab_size(self) -> int:

@@ -113,6 +113,12 @@ FILES = {
     "ds_nvme_no_path.json": b'{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}',
     "ds_nvme_absent.json": b'{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", '
                            b'"nvme_path": "/nonexistent/nvme"}}}',
+    # numbers that are not finite, configs no GPT can be built from
+    "hf_nan/config.json": json.dumps(HF_CONFIG).replace('"vocab_size": 50257', '"vocab_size": 50257, '
+                                                        '"layer_norm_epsilon": NaN').encode(),
+    "hf_indivisible/config.json": json.dumps({**HF_CONFIG, "n_head": 3}).encode(),
+    "hf_epsilon_string/config.json": json.dumps({**HF_CONFIG, "layer_norm_epsilon": "1e-5"}).encode(),
+    "ds_infinite.json": b'{"zero_optimization": {"stage": 2, "reduce_bucket_size": Infinity}}',
     # inputs that outputs must not overlap
     "corpus/a.txt": b"Some text to prepare.\n",
     "dolly_dir/records.jsonl": dolly(),
@@ -357,6 +363,16 @@ CASES = {
     "blank: a blank --data_dir": (["pretrain", "--data_dir", "  "], r"--data_dir \(data\.data_dir\) = '  '"),
     "blank: an empty --output_dir": (["prepare", "text", "--input", IN + "/corpus", "--output_dir", ""],
                                      r"--output_dir .* = '' is not allowed"),
+    "finite: NaN in a Hugging Face config": (["convert", "hf-to-gptds", IN + "/hf_nan", OUT + ".safetensors"],
+                                             r"hf_nan/config\.json: the number NaN is not finite"),
+    "finite: Infinity in a DeepSpeed config": (["pretrain", "--deepspeed_config", IN + "/ds_infinite.json"],
+                                               r"ds_infinite\.json: the number Infinity is not finite"),
+    "config: heads that do not divide the width": (["convert", "hf-to-gptds", IN + "/hf_indivisible",
+                                                    OUT + ".safetensors"],
+                                                   r"hf_indivisible/config\.json: not a GPT-2 config gptds can build "
+                                                   r"\(GPTConfig\.n_embd \(64\) must be divisible"),
+    "config: an epsilon as a string": (["finetune", "--pretrained_checkpoint", IN + "/hf_epsilon_string"],
+                                       r"hf_epsilon_string/config\.json: not a GPT-2 config .*layer_norm_epsilon"),
     # a batch larger than the split
     "batch: larger than the split": (["pretrain", "--data_dir", "{text_data}", "-B", "100000"],
                                      r"the train split holds \d+ sequences of 33 tokens, fewer than one micro step "

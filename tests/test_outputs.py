@@ -122,3 +122,22 @@ def test_a_full_disk_is_one_line_with_the_path_the_errno_text_and_the_free_space
     assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["c.txt"]
     FIGURES["faults_injected"] += 1
     FIGURES["faults"].append({"fault": "ENOSPC writing a shard in prepare", "error": err})
+
+
+def test_a_full_disk_under_safetensors_is_one_line_too(tmp_path, hf_folder, monkeypatch, capsys):
+    """safetensors reports a failed write as SafetensorError("... (os error 28) ..."): the OSError it is."""
+    from safetensors import SafetensorError
+
+    from gptds import weights
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{filename}"')
+    monkeypatch.setattr(weights, "save_file", full)
+    assert main(["convert", "hf-to-gptds", str(hf_folder), str(tmp_path / "w.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gptds convert: error: {tmp_path}/w.partial-") and ".safetensors: No space left on " \
+        "device, " in err and err.endswith(" GiB free there") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "w.safetensors").exists()
+    FIGURES["faults_injected"] += 1
+    FIGURES["faults"].append({"fault": "ENOSPC writing safetensors in convert", "error": err})

@@ -92,7 +92,7 @@ def iter_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]]:
             if not line.strip():
                 continue
             try:
-                record = parse_json(line, location)
+                record = parse_json(line, location, record=True)
             except json.JSONDecodeError as e:
                 report.bad(f"{location}: malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}")
                 continue
@@ -119,7 +119,7 @@ def iter_json_array(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]
         lineno += text.count("\n", counted_to, pos)
         counted_to = pos
         try:
-            record, pos = parse_json(text, f"{path}:{lineno}", pos)
+            record, pos = parse_json(text, f"{path}:{lineno}", pos, record=True)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}") \
                 from None
