@@ -163,6 +163,12 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
                                 info.world_size, cfg.seed)
     val_loader = build_loader(data_dir, "val", data.micro_batch_size, data.context_length, info.rank,
                               info.world_size, cfg.seed, shuffle=False)
+    rows = train_loader.rows_per_epoch()
+    if batch.global_batch_size > rows:  # one step would read the same sequences more than once
+        raise UserError(f"{data_dir}: the train split holds {rows} sequences of {data.context_length + 1} tokens, "
+                        f"fewer than one optimizer step takes (micro batch {batch.micro_batch_size} x grad "
+                        f"accumulation {batch.grad_accum_steps} x {batch.world_size} rank(s) = "
+                        f"{batch.global_batch_size}); lower --micro_batch_size/--grad_accum_steps or prepare more data")
     kind = train_loader.manifest["kind"]
     if kind != job.data_kind:
         raise UserError(f"{data_dir}: holds {kind!r} data; `gptds {run.job}` needs data from "

@@ -377,6 +377,10 @@ CASES = {
     "batch: larger than the split": (["pretrain", "--data_dir", "{text_data}", "-B", "100000"],
                                      r"the train split holds \d+ sequences of 33 tokens, fewer than one micro step "
                                      r"takes \(100000 per rank"),
+    "batch: an optimizer step larger than the split": (["pretrain", "--data_dir", "{text_data}", "--grad_accum_steps",
+                                                        str(2**40)],
+                                                       r"fewer than one optimizer step takes \(micro batch 2 x grad "
+                                                       r"accumulation 1099511627776 x 1 rank\(s\)"),
     # outputs overlapping inputs, --overwrite or not
     "overlap: prepare into its input": (["prepare", "text", "--input", IN + "/corpus", "--output_dir",
                                          IN + "/corpus", "--overwrite"],
