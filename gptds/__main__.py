@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 
-from gptds import notices  # first: it holds back notices that the imports below print
+from gptds import dist, notices  # notices before the imports below: it holds back notices they print
 from gptds.chat import ChatConfig, chat
 from gptds.cli import ArgumentParser
 from gptds.config import add_flags, add_run_flags, from_flags, run_config_from_flags
@@ -24,9 +25,10 @@ from gptds.data.prepare import (
     prepare_dolly,
     prepare_text,
 )
-from gptds.errors import UserError, report
+from gptds.errors import EveryRankError, UserError, report
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
+from gptds.staging import free_space
 from gptds.train import train
 
 
@@ -53,6 +55,19 @@ def _stdout_is_data(fn):
             out = fn(settings)
         print(out)
     return run
+
+
+def _streamed_to_stdout(fn):
+    """For commands whose stdout is their result, written as it is produced: fn(settings, out=stdout) writes
+    it, while library chatter goes to stderr."""
+    def run(settings):
+        out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            fn(settings, out=out)
+        out.write("\n")
+        out.flush()
+    return run
+
 
 
 def _everywhere_flags(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
@@ -89,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "chat", "talk to a chat model (interactive, or --message for one reply on stdout)", ChatConfig,
              chat)
-    _command(sub, "generate", "continue a prompt with a model", GenerateConfig,
-             _stdout_is_data(lambda cfg: (cfg.prompt if cfg.echo_prompt else "") + generate_from_checkpoint(cfg)))
+    _command(sub, "generate", "continue a prompt with a model (printed as it is generated)", GenerateConfig,
+             _streamed_to_stdout(generate_from_checkpoint))
     _command(sub, "evaluate", "HellaSwag accuracy (and validation loss) of a model, as JSON", EvaluateConfig,
              _stdout_is_data(lambda cfg: json.dumps(evaluate_checkpoint(cfg))))
 
@@ -107,15 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        report(f"gptds {args.command}: error: {e}")
+        if not isinstance(e, EveryRankError) or dist.prints_shared_errors():  # every rank's alike: rank 0's
+            report(f"gptds {args.command}: error: {e}")
         return 2
     except OSError as e:  # the machine, not a bug: a full disk, a folder without write permission
         where = f"{e.filename}: " if e.filename else ""
-        report(f"gptds {args.command}: error: {where}{e.strerror or e}")
+        free = free_space(e.filename or ".") if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        report(f"gptds {args.command}: error: {where}{e.strerror or e}{free}")
         return 1
     except KeyboardInterrupt:
         report(f"gptds {args.command}: interrupted")
         return 130
+    except Exception as e:
+        if not dist.peer_failed(e):
+            raise
+        print(f"gptds {args.command}: rank {dist.info().rank} stopped: another rank failed (its error is above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -31,12 +32,25 @@ DS_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 INSTALLED_DS_CONFIGS_DIR = Path(sys.prefix) / "share" / "gptds" / "ds_configs"
 
 
+INT64 = (-2**63, 2**63 - 1)   # what an integer flag may hold unless it says less: torch and numpy take no more
+SEEDS = (0, 2**32 - 1)         # numpy's seeding limit (torch's is wider)
+LOCK_WAIT_MAX_S = 480          # below the 10-minute rendezvous/collective timeout the other ranks wait under
+
+# How each training flag behaves when a run resumes (README, "What a resume may change"):
+MAY_CHANGE = "may change"      # takes effect from the resumed step on
+MUST_MATCH = "must match"      # changes what is learned: a resume with another value is refused
+
+
 def flag(default, help: str, short: str | None = None, choices=None, required: bool = False,
-         aliases: tuple[str, ...] = (), positional: bool = False):
+         aliases: tuple[str, ...] = (), positional: bool = False, limits: tuple[int, int] | None = None,
+         blank_ok: bool = False, resume: tuple[str, str] | None = None):
     """A dataclass field that is also a command-line flag --<name> (and `short`, e.g. -B, and `aliases`),
-    or with positional=True an argument given by position."""
+    or with positional=True an argument given by position. Every flag also follows check_flags: integers
+    within `limits` (default INT64), floats finite, strings not blank (unless blank_ok). Training flags say
+    what a resume may do with them: resume=(MAY_CHANGE or MUST_MATCH, why), checked by check_resumable."""
     return field(default=default, metadata=dict(help=help, short=short, choices=choices, required=required,
-                                                aliases=aliases, positional=positional))
+                                                aliases=aliases, positional=positional, limits=limits,
+                                                blank_ok=blank_ok, resume=resume))
 
 
 def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
@@ -44,26 +58,60 @@ def require(cond: bool, section: str, name: str, value, allowed: str) -> None:
         raise UserError(f"--{name} ({section}.{name}) = {value!r} is not allowed: {allowed}")
 
 
+def check_flags(settings, section: str) -> None:
+    """The rules every flag follows before its own checks: an integer within its limits (a seed numpy and
+    torch accept, a count that fits in 64 bits), a finite float (nan and inf pass `x > 0`-style checks
+    silently), a path or name that is not empty or blank (--log_dir "" would write into the current folder)."""
+    for f in dataclasses.fields(settings):
+        if "help" not in f.metadata:
+            continue
+        value = getattr(settings, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, int):
+                lo, hi = f.metadata.get("limits") or INT64
+                require(lo <= v <= hi, section, f.name, v, f"an integer from {lo} to {hi}" if f.metadata.get("limits")
+                        else "an integer that fits in 64 bits, which torch and numpy take")
+            elif isinstance(v, float):
+                require(math.isfinite(v), section, f.name, v, "a finite number")
+            elif isinstance(v, str) and not f.metadata.get("blank_ok"):
+                require(bool(v.strip()), section, f.name, v, "a non-empty value")
+
+
+NEXT_STEPS = "from the resumed step on"
+GLOBAL_BATCH = "with --micro_batch_size and the world size, the sequences of each step"
+
+
 @dataclass
 class DataConfig:
     data_dir: list[str] | None = flag(None, "prepared dataset folder (manifest.json from `gptds prepare`), or "
                                             "several as DIR:WEIGHT ... for a mixture (e.g. data/chat:0.6 "
                                             "data/dolly:0.3 data/text:0.1); omitted: the bundled demo data, "
-                                            "prepared into <log_dir>/data")
-    micro_batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B", aliases=("--batch_size",))
-    context_length: int = flag(128, "tokens per sequence", short="-T")
-    eval_batches: int = flag(8, "validation batches per rank at each evaluation")
+                                            "prepared into <log_dir>/data",
+                                      resume=(MUST_MATCH, "the data itself (each folder's manifest sha256 and a "
+                                                          "mixture's weights), not the paths"))
+    micro_batch_size: int = flag(4, "micro batch per rank, in sequences", short="-B", aliases=("--batch_size",),
+                                 resume=(MUST_MATCH, "times the world size (a universal checkpoint may change "
+                                                     "the world size); with --grad_accum_steps, the global batch"))
+    context_length: int = flag(128, "tokens per sequence", short="-T", resume=(MUST_MATCH, "the sequences"))
+    eval_batches: int = flag(8, "validation batches per rank at each evaluation", resume=(MAY_CHANGE, NEXT_STEPS))
     hellaswag_file: str | None = flag(None, "HellaSwag JSONL (ctx, endings, label); omitted: the bundled "
-                                            "500-item sample")
-    hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)")
+                                            "500-item sample", resume=(MAY_CHANGE, NEXT_STEPS))
+    hellaswag_limit: int = flag(200, "score at most this many HellaSwag items (0: all)",
+                                resume=(MAY_CHANGE, NEXT_STEPS))
     eval_tasks: str = flag("", "comma-separated tasks scored every --eval_task_interval steps on all ranks: "
                                "hellaswag, arc_easy, arc_challenge, mmlu, gsm8k, or a name given a file by "
-                               "--eval_task_file (bits per byte is val_bpb, logged with val_loss)")
+                               "--eval_task_file (bits per byte is val_bpb, logged with val_loss)", blank_ok=True,
+                           resume=(MAY_CHANGE, NEXT_STEPS))
     eval_task_limit: int = flag(100, "score at most the first N items of each --eval_tasks task (MMLU: of each "
-                                     "subject; 0: all)")
-    eval_task_file: list[str] | None = flag(None, "TASK=PATH for --eval_tasks, as `gptds evaluate --task_file`")
+                                     "subject; 0: all)", resume=(MAY_CHANGE, NEXT_STEPS))
+    eval_task_file: list[str] | None = flag(None, "TASK=PATH for --eval_tasks, as `gptds evaluate --task_file`",
+                                            resume=(MAY_CHANGE, NEXT_STEPS))
 
     def __post_init__(self):
+        check_flags(self, "data")
         for name in ("micro_batch_size", "context_length", "eval_batches"):
             value = getattr(self, name)
             require(value > 0, "data", name, value, "a positive integer")
@@ -74,42 +122,64 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     deepspeed_config: str | None = flag(None, "DeepSpeed JSON: a path, or a name in ds_configs/ (zero1, zero2, "
-                                              "zero3, zero2_offload, ...); omitted: zero2 on GPUs, zero2_fp32 on CPU")
-    model: str = flag("mini", "model preset", choices=tuple(PRESETS))
+                                              "zero3, zero2_offload, ...); omitted: zero2 on GPUs, zero2_fp32 on CPU",
+                                        resume=(MUST_MATCH, "its ZeRO stage and precision; another stage or world "
+                                                            "size through a universal checkpoint"))
+    model: str = flag("mini", "model preset", choices=tuple(PRESETS),
+                      resume=(MUST_MATCH, "the architecture (the checkpoint's model config)"))
     max_steps: int | None = flag(200, "optimizer steps to train for, counted from step 0 (a resumed run goes on "
-                                      "to it); fine-tuning's default: one epoch of the training split")
-    grad_accum_steps: int = flag(1, "micro batches per optimizer step")
-    lr: float = flag(1e-3, "peak learning rate")
-    min_lr: float | None = flag(None, "learning rate at the end of the cosine decay (omitted: 0.1 x --lr)")
-    warmup_steps: int = flag(20, "linear warmup steps")
+                                      "to it); fine-tuning's default: one epoch of the training split",
+                                 resume=(MAY_CHANGE, "extend or shorten the run"))
+    grad_accum_steps: int = flag(1, "micro batches per optimizer step", resume=(MUST_MATCH, GLOBAL_BATCH))
+    lr: float = flag(1e-3, "peak learning rate", resume=(MAY_CHANGE, "the schedule " + NEXT_STEPS))
+    min_lr: float | None = flag(None, "learning rate at the end of the cosine decay (omitted: 0.1 x --lr)",
+                                resume=(MAY_CHANGE, "the schedule " + NEXT_STEPS))
+    warmup_steps: int = flag(20, "linear warmup steps", resume=(MAY_CHANGE, "the schedule " + NEXT_STEPS))
     lr_decay_steps: int = flag(0, "steps of the cosine decay to min_lr, counted from step 0 (0: max_steps); "
-                                  "keep it fixed when a run is extended or stopped early")
-    weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only")
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+                                  "keep it fixed when a run is extended or stopped early",
+                               resume=(MAY_CHANGE, "the schedule " + NEXT_STEPS))
+    weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only", resume=(MAY_CHANGE, NEXT_STEPS))
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)",
+                            resume=(MAY_CHANGE, NEXT_STEPS))
     optimizer: str = flag("adamw8bit", "adamw8bit: bitsandbytes' fused 8-bit AdamW; adamw: 32-bit AdamW",
-                          choices=OPTIMIZERS)
-    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward")
+                          choices=OPTIMIZERS, resume=(MUST_MATCH, "its state is in the checkpoint"))
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward",
+                                          resume=(MAY_CHANGE, "recomputation only, the same numbers"))
     compile: bool | None = flag(None, "torch.compile each transformer block's training path (omitted: on with "
-                                      "CUDA, off on CPU, where it only costs start-up time); not under ZeRO-3")
+                                      "CUDA, off on CPU, where it only costs start-up time); not under ZeRO-3",
+                                resume=(MAY_CHANGE, "the same numbers, compiled"))
     pad_vocab_to_multiple_of: int | None = flag(None, "store the embedding with its rows padded to a multiple of "
                                                       "this (64: 50304 rows for GPT-2, faster matmuls; padding is "
                                                       "storage only); omitted: 64 for a new model, the checkpoint's "
-                                                      "own for a resumed or pretrained one")
-    seed: int = flag(1337, "seed for weights, data order and sampling")
-    log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here")
+                                                      "own for a resumed or pretrained one",
+                                                resume=(MUST_MATCH, "the embedding's shape (omitted: the "
+                                                                    "checkpoint's own)"))
+    seed: int = flag(1337, "seed for weights, data order and sampling", limits=SEEDS,
+                     resume=(MUST_MATCH, "the data order"))
+    log_dir: str = flag("runs/pretrain", "TensorBoard events, metrics.jsonl, samples and checkpoints go here",
+                        resume=(MAY_CHANGE, "--auto_resume finds the run in it; --resume may start a new one"))
     wandb_project: str | None = flag(None, "also log to this Weights & Biases project, from rank 0 (needs "
-                                           "`pip install -e .[wandb]`; WANDB_MODE=offline logs without an account)")
-    log_interval: int = flag(10, "log training metrics every N steps")
-    eval_interval: int = flag(50, "validation loss every N steps (0: never)")
-    hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)")
-    eval_task_interval: int = flag(100, "score --eval_tasks every N steps (0: never)")
-    generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)")
-    generate_max_new_tokens: int = flag(48, "tokens per sample")
-    max_bad_steps: int = flag(5, "stop after this many consecutive micro batches with a NaN/inf loss (each is "
-                                 "skipped and replaced by the next batch)")
-    peak_tflops: float = flag(0.0, "accelerator peak TFLOP/s for MFU (0: look it up for known GPUs)")
+                                           "`pip install -e .[wandb]`; WANDB_MODE=offline logs without an account)",
+                                     resume=(MAY_CHANGE, "logging only; a resumed run continues its W&B run"))
+    log_interval: int = flag(10, "log training metrics every N steps", resume=(MAY_CHANGE, NEXT_STEPS))
+    eval_interval: int = flag(50, "validation loss every N steps (0: never)", resume=(MAY_CHANGE, NEXT_STEPS))
+    hellaswag_interval: int = flag(100, "HellaSwag accuracy every N steps (0: never)", resume=(MAY_CHANGE, NEXT_STEPS))
+    eval_task_interval: int = flag(100, "score --eval_tasks every N steps (0: never)",
+                                   resume=(MAY_CHANGE, NEXT_STEPS))
+    generate_interval: int = flag(100, "sample from the fixed prompts every N steps (0: never)",
+                                  resume=(MAY_CHANGE, NEXT_STEPS))
+    generate_max_new_tokens: int = flag(48, "tokens per sample", resume=(MAY_CHANGE, NEXT_STEPS))
+    max_bad_steps: int = flag(5, "stop after this many consecutive optimizer steps skipped for a NaN/inf loss "
+                                 "(each skipped step is retried with the next batches)",
+                              resume=(MAY_CHANGE, NEXT_STEPS))
+    peak_tflops: float = flag(0.0, "accelerator peak TFLOP/s for MFU (0: look it up for known GPUs)",
+                              resume=(MAY_CHANGE, "reporting only"))
+    lock_wait_s: float = flag(120.0, "when another run holds the run folder (a requeued job whose predecessor is "
+                                     "still shutting down), wait this long for it before refusing "
+                                     f"(0 to {LOCK_WAIT_MAX_S})", resume=(MAY_CHANGE, "start-up only"))
 
     def __post_init__(self):
+        check_flags(self, "train")
         require(self.max_steps is None or self.max_steps > 0, "train", "max_steps", self.max_steps,
                  "a positive integer")
         for name in ("grad_accum_steps", "log_interval", "generate_max_new_tokens", "max_bad_steps"):
@@ -133,20 +203,29 @@ class TrainConfig:
         require(self.peak_tflops >= 0, "train", "peak_tflops", self.peak_tflops, "0 or more")
         require(self.pad_vocab_to_multiple_of is None or self.pad_vocab_to_multiple_of > 0, "train",
                 "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of, "a positive integer (1: no padding)")
+        require(0 <= self.lock_wait_s <= LOCK_WAIT_MAX_S, "train", "lock_wait_s", self.lock_wait_s,
+                f"0 to {LOCK_WAIT_MAX_S} seconds")
 
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_dir: str | None = flag(None, "omitted: <log_dir>/checkpoints")
-    checkpoint_interval: int = flag(100, "save every N steps (0: only at the end)")
-    keep_last_n_checkpoints: int = flag(3, "complete checkpoints to keep (-1: all); the newest is never deleted")
-    auto_resume: bool = flag(False, "continue from the newest complete checkpoint in checkpoint_dir, if any")
-    resume: bool = flag(False, "continue from --checkpoint_path (a step folder, or a checkpoint folder: its newest)")
-    checkpoint_path: str | None = flag(None, "what --resume continues from")
+    checkpoint_dir: str | None = flag(None, "omitted: <log_dir>/checkpoints",
+                                      resume=(MAY_CHANGE, "--auto_resume finds the run's checkpoints in it"))
+    checkpoint_interval: int = flag(100, "save every N steps (0: only at the end)", resume=(MAY_CHANGE, NEXT_STEPS))
+    keep_last_n_checkpoints: int = flag(3, "complete checkpoints to keep (-1: all); the newest is never deleted",
+                                        resume=(MAY_CHANGE, NEXT_STEPS))
+    auto_resume: bool = flag(False, "continue from the newest complete checkpoint in checkpoint_dir, if any",
+                             resume=(MAY_CHANGE, "how to resume"))
+    resume: bool = flag(False, "continue from --checkpoint_path (a step folder, or a checkpoint folder: its newest)",
+                        resume=(MAY_CHANGE, "how to resume"))
+    checkpoint_path: str | None = flag(None, "what --resume continues from", resume=(MAY_CHANGE, "how to resume"))
     pretrained_checkpoint: str | None = flag(None, "initial weights: a gptds checkpoint folder, a weights file, "
-                                                   "or a Hugging Face GPT-2 folder (fine-tuning)")
+                                                   "or a Hugging Face GPT-2 folder (fine-tuning)",
+                                             resume=(MAY_CHANGE, "not read on resume: the weights are the "
+                                                                 "checkpoint's"))
 
     def __post_init__(self):
+        check_flags(self, "checkpoint")
         require(self.checkpoint_interval >= 0, "checkpoint", "checkpoint_interval", self.checkpoint_interval,
                  "0 or a positive integer")
         require(self.keep_last_n_checkpoints == -1 or self.keep_last_n_checkpoints > 0, "checkpoint",
@@ -156,6 +235,28 @@ class CheckpointConfig:
                             "to continue from the newest checkpoint in the run's own folder use --auto_resume")
         if self.resume and self.auto_resume:
             raise UserError("--resume and --auto_resume are exclusive: pick the explicit path or the newest checkpoint")
+
+
+RUN_SECTIONS = ("data", "train", "checkpoint")  # RunConfig's fields holding the flags, in --help order
+
+
+def resume_rules() -> list[tuple[str, str, str]]:
+    """(flag, MAY_CHANGE or MUST_MATCH, why) for every training flag, in --help order."""
+    rules = []
+    for cls in (DataConfig, TrainConfig, CheckpointConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("resume") is None:
+                raise ValueError(f"--{f.name} ({cls.__name__}): say what a resume may do with it: "
+                                 f"flag(..., resume=(MAY_CHANGE or MUST_MATCH, why))")
+            rules.append((f"--{f.name}", *f.metadata["resume"]))
+    return rules
+
+
+def resume_rules_markdown() -> str:
+    """The README's table of what a resume may change, generated from the flags' own classification."""
+    rows = ["| flag | on resume | what it decides |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | {rule} | {why} |" for name, rule, why in resume_rules()]
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True)

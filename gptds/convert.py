@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from gptds import checkpoint, engine
-from gptds.config import flag, require
+from gptds.config import check_flags, flag, require
 from gptds.errors import UserError
 from gptds.model import GPTConfig
-from gptds.staging import check_output, staged_dir, staged_file
+from gptds.staging import check_no_overlap, check_output, staged_dir, staged_file
 from gptds.weights import (
     DEFAULT_MAX_SHARD_BYTES,
     TIED_KEY,
@@ -54,6 +54,7 @@ class ZeroToFp32Config:
     overwrite: bool = flag(False, "replace a non-empty OUT")
 
     def __post_init__(self):
+        check_flags(self, "convert")
         require(self.max_shard_mb > 0, "convert", "max_shard_mb", self.max_shard_mb, "a positive number of MB")
 
 
@@ -66,6 +67,7 @@ class ZeroToHfConfig:
     overwrite: bool = flag(False, "replace a non-empty OUT_DIR")
 
     def __post_init__(self):
+        check_flags(self, "convert")
         require(self.max_shard_mb > 0, "convert", "max_shard_mb", self.max_shard_mb, "a positive number of MB")
 
 
@@ -75,6 +77,9 @@ class HfToGptdsConfig:
     out: str = flag(None, "a .safetensors file, or a folder", positional=True)
     overwrite: bool = flag(False, "replace an existing OUT")
 
+    def __post_init__(self):
+        check_flags(self, "convert")
+
 
 @dataclass
 class ZeroToUniversalConfig:
@@ -82,6 +87,9 @@ class ZeroToUniversalConfig:
     out_dir: str = flag(None, "output folder", positional=True)
     tag: str | None = flag(None, TAG_HELP)
     overwrite: bool = flag(False, "replace a non-empty OUT_DIR")
+
+    def __post_init__(self):
+        check_flags(self, "convert")
 
 
 # ---------------------------------------------------------------- shared steps
@@ -116,12 +124,14 @@ def _announce(step_dir: Path, config: GPTConfig, dtype: torch.dtype, max_shard_b
 
 def zero_to_fp32(cfg: ZeroToFp32Config) -> list[Path]:
     """A folder with model.safetensors (or shards plus model.safetensors.index.json) in gptds format."""
-    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
     out, max_shard_bytes = Path(cfg.out), int(cfg.max_shard_mb * 2**20)
+    inputs = [("CHECKPOINT_DIR", cfg.checkpoint_dir)]
+    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
+    check_no_overlap([("OUT", out)], inputs)
     check_output(out, cfg.overwrite, "OUT")
     config, meta, lazy = zero_checkpoint_tensors(step_dir)
     _announce(step_dir, config, DTYPES[cfg.dtype], max_shard_bytes)
-    with staged_dir(out, cfg.overwrite, "OUT") as staging:
+    with staged_dir(out, cfg.overwrite, "OUT", inputs) as staging:
         tensors = checked_tensors(config, lazy, DTYPES[cfg.dtype], str(step_dir), progress=True)
         files = save_gptds_weights(config, tensors, staging, max_shard_bytes=max_shard_bytes,
                                    metadata={"source_checkpoint": str(step_dir), "step": str(meta["step"])})
@@ -176,12 +186,14 @@ def model_card(meta: dict, step_dir: Path) -> str:
 
 def zero_to_hf(cfg: ZeroToHfConfig) -> Path:
     """A folder GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained load, with a model card."""
-    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
     out_dir, max_shard_bytes = Path(cfg.out_dir), int(cfg.max_shard_mb * 2**20)
+    inputs = [("CHECKPOINT_DIR", cfg.checkpoint_dir)]
+    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
+    check_no_overlap([("OUT_DIR", out_dir)], inputs)
     check_output(out_dir, cfg.overwrite, "OUT_DIR")
     config, meta, lazy = zero_checkpoint_tensors(step_dir)
     _announce(step_dir, config, torch.float32, max_shard_bytes)
-    with staged_dir(out_dir, cfg.overwrite, "OUT_DIR") as staging:
+    with staged_dir(out_dir, cfg.overwrite, "OUT_DIR", inputs) as staging:
         save_hf_directory(config, checked_tensors(config, lazy, source=str(step_dir), progress=True), staging,
                           model_card=model_card(meta, step_dir), max_shard_bytes=max_shard_bytes)
     print(f"wrote Hugging Face GPT-2 folder {out_dir}")
@@ -193,10 +205,12 @@ def hf_to_gptds(cfg: HfToGptdsConfig) -> Path:
     hf_dir, out = Path(cfg.hf_dir), Path(cfg.out)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}: not a Hugging Face model folder (no config.json)")
+    inputs = [("HF_DIR", hf_dir)]
+    check_no_overlap([("OUT", out)], inputs)
     config, sd = load_hf_directory(hf_dir)
     tensors = checked_tensors(config, sd, source=str(hf_dir))
-    staged = (staged_file(out, cfg.overwrite, "OUT") if out.suffix == ".safetensors"
-              else staged_dir(out, cfg.overwrite, "OUT"))
+    staged = (staged_file(out, cfg.overwrite, "OUT", inputs) if out.suffix == ".safetensors"
+              else staged_dir(out, cfg.overwrite, "OUT", inputs))
     with staged as staging:
         save_gptds_weights(config, tensors, staging, metadata={"source_hf_dir": str(hf_dir)})
     print(f"wrote gptds weights {out}")
@@ -211,15 +225,17 @@ def zero_to_universal(cfg: ZeroToUniversalConfig) -> Path:
     """DeepSpeed's universal checkpoint as OUT_DIR/<step folder>, resumable with --resume --checkpoint_path
     OUT_DIR at another world size or ZeRO stage, optimizer state included. The converted fp32 weights are
     compared tensor by tensor (sha256) with the source before the folder is marked complete."""
-    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
     out_dir = Path(cfg.out_dir)
+    inputs = [("CHECKPOINT_DIR", cfg.checkpoint_dir)]
+    step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
+    check_no_overlap([("OUT_DIR", out_dir)], inputs)
     meta = checkpoint.verify(step_dir)
     if meta["optimizer"] in UNIVERSAL_REFUSED_OPTIMIZERS:
         raise UserError(f"{step_dir} was trained with --optimizer {meta['optimizer']}: "
                         f"{UNIVERSAL_REFUSED_OPTIMIZERS[meta['optimizer']]}")
     check_output(out_dir, cfg.overwrite, "OUT_DIR")
     config, meta, lazy = zero_checkpoint_tensors(step_dir)
-    with staged_dir(out_dir, cfg.overwrite, "OUT_DIR") as staging:
+    with staged_dir(out_dir, cfg.overwrite, "OUT_DIR", inputs) as staging:
         target = staging / step_dir.name
         engine.convert_to_universal(step_dir, target, expected_shapes(config),
                                     tied={TIED_KEY: "transformer.wte.weight"})

@@ -7,27 +7,44 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
+
+from gptds.errors import UserError
+from gptds.locks import describe, holder_is_dead, holder_record, who_holds
 
 CHECKED_ON = ("0.19.8",)  # deepspeed versions every workaround below was tested with
 
 
 # ---------------------------------------------------------------- config validation
 
-def unknown_top_level_keys(config: dict) -> tuple[list[str], str | None]:
-    """DeepSpeed validates its typed sections, but ignores top-level keys it does not know: a typo such as
-    "zero_optimisation" silently trains without ZeRO. A key is known when DeepSpeedConfig looks it up while
-    parsing this config, or when DeepSpeed names it among its config constants (keys read outside
-    DeepSpeedConfig, e.g. "aio"). Returns (unknown keys with "did you mean" hints, DeepSpeed's own
-    validation error in one line, or None). Upstream: no warning for unknown keys (checked on CHECKED_ON).
-    Tests: tests/test_ds_configs.py."""
+def check_config(config: dict) -> tuple[list[str], str | None, list[str]]:
+    """What DeepSpeed would silently get wrong in a config, found by parsing it as DeepSpeed does
+    (DeepSpeedConfig). Returns (unknown top-level keys with "did you mean" hints, DeepSpeed's own validation
+    error in one line or None, values DeepSpeed would reinterpret):
+    - DeepSpeed validates its typed sections but ignores top-level keys it does not know: a typo such as
+      "zero_optimisation" silently trains without ZeRO. A key is known when DeepSpeedConfig looks it up while
+      parsing, or when DeepSpeed names it among its config constants (keys read elsewhere, e.g. "aio").
+    - Its typed sections (pydantic models) coerce in lax mode: "enabled": "false" becomes False, 1 becomes
+      True, true becomes 1, so a config can say one thing and train another (and gptds's banner and meta.json
+      would report the string's truthiness). Every value of a section DeepSpeed parsed is compared with what
+      DeepSpeed made of it; a string, boolean or number turned into another kind is reported.
+    - Top-level scalars are read raw (a string "10" for steps_per_print fails at the first step): a value
+      whose JSON type differs from DeepSpeed's default's (bool vs number), or a string spelling a boolean or a
+      number, is reported too.
+    Upstream: no warning for unknown keys, lax coercion (checked on CHECKED_ON). Tests: tests/test_ds_configs.py,
+    tests/test_hostile_inputs.py."""
     from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
     class LookupsRecorded(dict):
-        looked_up: set = set()
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.looked_up = set()
 
         def get(self, key, *default):
             self.looked_up.add(key)
@@ -41,18 +58,90 @@ def unknown_top_level_keys(config: dict) -> tuple[list[str], str | None]:
             self.looked_up.add(key)
             return super().__contains__(key)
 
+    parsed, init = [], DeepSpeedConfigModel.__init__
+
+    def recording_init(self, strict=False, **data):
+        init(self, strict=strict, **data)
+        parsed.append((self, data))
+
+    retyped = []  # top-level scalars first: DeepSpeed may fail on them with a TypeError of its own
+    for key, value in config.items():
+        why = None if isinstance(value, (dict, list)) else _retyped_scalar(value, _deepspeed_defaults().get(key))
+        if why:
+            retyped.append(f"{key} = {json.dumps(value)} ({why})")
+    if retyped:
+        return [], None, retyped
+    recorded = LookupsRecorded(config)
+    DeepSpeedConfigModel.__init__ = recording_init
     try:
-        DeepSpeedConfig(LookupsRecorded(config))
+        DeepSpeedConfig(recorded)
     except Exception as e:  # noqa: BLE001 (pydantic ValidationError, AssertionError, ValueError, ...)
         lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
-        return [], " / ".join(lines[:4]) or type(e).__name__
-    known = LookupsRecorded.looked_up | _deepspeed_key_names()
+        return [], " / ".join(lines[:4]) or type(e).__name__, []
+    finally:
+        DeepSpeedConfigModel.__init__ = init
+    known = recorded.looked_up | _deepspeed_key_names()
     hints = []
     for key in config:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), 1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return hints, None
+    for key, value in config.items():
+        models = [model for model, data in parsed if isinstance(value, dict) and value and data == value]
+        if models:
+            _retyped_in_section(value, models[0], key, retyped)
+    return hints, None, retyped
+
+
+def _retyped_in_section(raw: dict, model, path: str, out: list[str]) -> None:
+    """Values of a JSON section that DeepSpeed's model `model` turned into another kind (see check_config)."""
+    from pydantic import BaseModel
+    fields = {}
+    for name, info in type(model).model_fields.items():
+        fields[name] = name
+        if info.alias:
+            fields[info.alias] = name
+    for key, value in raw.items():
+        if key not in fields or value == "auto":
+            continue
+        now = getattr(model, fields[key], None)
+        if isinstance(value, dict) and isinstance(now, BaseModel):
+            _retyped_in_section(value, now, f"{path}.{key}", out)
+            continue
+        why = _retyped_scalar(value, now)
+        if why:
+            out.append(f"{path}.{key} = {json.dumps(value)} ({why})")
+
+
+def _retyped_scalar(raw, now) -> str | None:
+    """Why a JSON value `raw` read as `now` (DeepSpeed's parsed value, or its default's) changed kind, or None."""
+    if isinstance(raw, bool):
+        return None if now is None or isinstance(now, bool) else "a boolean where DeepSpeed expects a number"
+    if isinstance(raw, (int, float)):
+        return "a number where DeepSpeed expects true or false" if isinstance(now, bool) else None
+    if isinstance(raw, str) and raw != "auto":
+        if isinstance(now, (bool, int, float)) and not isinstance(now, str):
+            return f"a string where DeepSpeed expects {'true or false' if isinstance(now, bool) else 'a number'}"
+        if now is None and raw.strip().lower() in ("true", "false"):
+            return "a string where DeepSpeed expects true or false"
+        if now is None and _is_number(raw):
+            return "a string where DeepSpeed expects a number"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _deepspeed_defaults() -> dict[str, object]:
+    """Top-level key -> DeepSpeed's default value, from its constants (KEY = "key", KEY_DEFAULT = value)."""
+    constants = vars(importlib.import_module("deepspeed.runtime.constants"))
+    return {constants[name[:-8]]: value for name, value in constants.items()
+            if name.endswith("_DEFAULT") and isinstance(constants.get(name[:-8]), str)}
 
 
 def _deepspeed_key_names() -> set[str]:
@@ -76,6 +165,62 @@ def skip_cpu_shm_comm_build() -> None:
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+BUILD_LOCK_WAIT_S = 480  # a build lock whose holder is alive or unknown: waited on this long at most (below
+#                          the 10-minute collective timeout the other ranks wait under meanwhile)
+
+
+def bound_jit_build_locks() -> None:
+    """DeepSpeed JIT-compiles its ops (cpu_adam for CPU offload, async_io for NVMe offload, fused ops on GPUs)
+    through torch.utils.cpp_extension.load, which builds under a lock file <build folder>/lock (FileBaton):
+    created empty, deleted when the build ends. A process killed mid-build leaves it, and every later build of
+    that op waits in FileBaton.wait forever, printing nothing (seen with cpu_adam). Patched, for every op any
+    process of this gptds builds: the lock records its holder's host and pid (holder_record); a lock whose
+    holder is dead (this host, pid gone) is cleared and the build taken over; any other lock (a live build, or
+    one by another program that does not record itself) is waited on BUILD_LOCK_WAIT_S at most, then a
+    one-line UserError names the file to delete. Checked on torch 2.13.0 with CHECKED_ON; tests:
+    tests/test_reliability.py (stale build locks)."""
+    from torch.utils.file_baton import FileBaton
+    if getattr(FileBaton, "gptds_bounded", False):
+        return
+
+    def try_acquire(self) -> bool:
+        for _ in range(2):
+            try:
+                self.fd = os.open(self.lock_file_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                os.write(self.fd, json.dumps(holder_record()).encode())
+                return True
+            except FileExistsError:
+                holder = _build_lock_holder(self.lock_file_path)
+                if not (holder and holder_is_dead(holder)):
+                    return False
+                Path(self.lock_file_path).unlink(missing_ok=True)  # a killed build's: take it over
+        return False
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + BUILD_LOCK_WAIT_S
+        while os.path.exists(self.lock_file_path):
+            holder = _build_lock_holder(self.lock_file_path)
+            if holder and holder_is_dead(holder):
+                Path(self.lock_file_path).unlink(missing_ok=True)
+                raise UserError(f"the build of the DeepSpeed op in {Path(self.lock_file_path).parent} was killed "
+                                f"({describe(holder)}); its lock is cleared: run again to build it")
+            if time.monotonic() > deadline:
+                raise UserError(f"waited {BUILD_LOCK_WAIT_S} s for the DeepSpeed op build lock "
+                                f"{self.lock_file_path} ({describe(holder) if holder else 'no holder recorded'}); "
+                                f"if no build is running, delete that file and run again, or prebuild the ops "
+                                f"(README, 'DeepSpeed ops')")
+            time.sleep(self.wait_seconds)
+
+    FileBaton.try_acquire, FileBaton.wait, FileBaton.gptds_bounded = try_acquire, wait, True
+
+
+def _build_lock_holder(path: str) -> dict | None:
+    try:
+        return who_holds(Path(path).read_text(errors="replace"))
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- skipping an optimizer step
@@ -142,27 +287,39 @@ def discarding_gradients(engine):
 
 # ---------------------------------------------------------------- saving
 
-def save_naming_the_file(engine):
-    """A context for engine.save_checkpoint in which a failed write raises OSError naming the file.
-    torch.save (DeepSpeed's TorchCheckpointEngine.save) reports a full disk as a RuntimeError
-    ("[enforce fail at inline_container.cc:...]") with neither errno nor path, so the user would not learn
-    which file or disk. Wraps engine.checkpoint_engine.save (an attribute of the engine since 0.10).
-    Checked on CHECKED_ON; tests: tests/test_reliability.py (ENOSPC mid-save)."""
+def writing_files_through(engine, open_file):
+    """A context for engine.save_checkpoint in which every file DeepSpeed writes goes into open_file(path),
+    a file object gptds controls (checkpoint.ChecksummedFile: it checksums the bytes as they are written
+    and keeps the OSError of a failed write), and in which a failed write does not raise. Yields the list
+    of the file objects used. Why: torch.save reports a failed write (a full disk) as a RuntimeError
+    "[enforce fail at inline_container.cc:...] unexpected pos" with neither the errno nor the path; and a
+    rank that raises half-way through save_checkpoint leaves the others waiting in its barrier until the
+    launcher kills them (a gloo traceback each). Here every rank finishes save_checkpoint and the caller
+    reads each file's outcome (.error) and agrees with the other ranks on it. Wraps
+    engine.checkpoint_engine.save (an attribute of the engine since 0.10); the default
+    TorchCheckpointEngine.save(state_dict, path) is torch.save(state_dict, path, ...), which takes a file
+    object as well as a path. Checked on CHECKED_ON; tests: tests/test_reliability.py (ENOSPC mid-save)."""
     import contextlib
 
     @contextlib.contextmanager
     def patched():
         write = engine.checkpoint_engine.save
+        opened = []
 
-        def write_naming_the_file(state_dict, path):
+        def write_through(state_dict, path):
+            f = open_file(path)
+            opened.append(f)
             try:
-                write(state_dict, path)
-            except RuntimeError as e:
-                raise OSError(None, str(e).partition("\n")[0], path) from e
+                write(state_dict, f)
+            except (OSError, RuntimeError):
+                if f.error is None:  # not a failed write: a bug, with its traceback
+                    raise
+            finally:
+                f.close()
 
-        engine.checkpoint_engine.save = write_naming_the_file
+        engine.checkpoint_engine.save = write_through
         try:
-            yield
+            yield opened
         finally:
             engine.checkpoint_engine.save = write
     return patched()

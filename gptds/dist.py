@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from gptds.errors import EveryRankError, UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -111,3 +113,57 @@ def all_gather_object(obj) -> list:
     out = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(fn):
+    """fn() computed on rank 0 alone (a decision every rank must share: which checkpoint to resume, whether
+    the run folder is free), its result handed to every rank. A UserError raised there is raised on every
+    rank as EveryRankError, so the command line prints it once and every rank exits 2."""
+    if not _distributed():
+        return fn()
+    outcome = [None]
+    if info().is_main:
+        try:
+            outcome[0] = ("ok", fn())
+        except UserError as e:
+            outcome[0] = ("error", str(e))
+        except BaseException as e:
+            outcome[0] = ("bug", f"{type(e).__name__} on rank 0")
+            torch_dist.broadcast_object_list(outcome, src=0)
+            raise
+    torch_dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise EveryRankError(value)
+    if kind == "bug":
+        raise RuntimeError(f"rank 0 failed ({value}): its traceback is above")
+    return value
+
+
+def agree_on_errors(message: str | None) -> None:
+    """Every rank says whether its part of a collective piece of work failed (message, e.g. a checkpoint
+    file it could not write) or not (None); if any did, every rank raises EveryRankError with the first
+    failing rank's message. The failure is local, the decision shared: no rank is left waiting in a
+    collective for one that gave up, and the error is printed once."""
+    messages = [m for m in all_gather_object(message) if m is not None]
+    if messages:
+        raise EveryRankError(messages[0])
+
+
+# What a collective raises on the surviving ranks when a peer exits (gloo on CPU, NCCL on GPUs).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+             "NCCL communicator was aborted", "Connection refused")
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Whether e is a collective failing because another rank exited (it printed its own error): this rank
+    then stops with one line instead of a traceback."""
+    if not _distributed():
+        return False
+    return isinstance(e, torch_dist.DistBackendError) or (
+        isinstance(e, RuntimeError) and any(text in str(e) for text in PEER_GONE))
+
+
+def prints_shared_errors() -> bool:
+    """Whether this process prints an error every rank raised alike (EveryRankError): rank 0, or a lone process."""
+    return _info is None or _info.is_main

@@ -7,6 +7,8 @@ does it; this module and that one are the only ones that import deepspeed."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -43,9 +45,39 @@ def read_ds_config(path: Path) -> dict:
     for key in ("bf16", "fp16"):
         if not isinstance(config.get(key, {}), dict):
             raise UserError(f"{path}: \"{key}\" must be an object like {{\"enabled\": true}}")
+        enabled = config.get(key, {}).get("enabled", False)
+        if not isinstance(enabled, bool):  # DeepSpeed would coerce "false" or 0; the precision must be unambiguous
+            raise UserError(f"{path}: {key}.enabled = {json.dumps(enabled)} is not a valid boolean: write true or "
+                            f"false, without quotes (DeepSpeed would coerce it silently, and the precision reported "
+                            f"could differ from the one used)")
+    check_offload_paths(path, config)
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise UserError(f"{path}: bf16 and fp16 are both enabled; enable one of them")
     return config
+
+
+def check_offload_paths(path: Path, config: dict) -> None:
+    """An offload to NVMe needs nvme_path: a folder that exists and can be written, and DeepSpeed's async_io op
+    (libaio); DeepSpeed itself fails later, deep in its swapper, with a traceback."""
+    zero = config.get("zero_optimization", {})
+    for section in ("offload_optimizer", "offload_param"):
+        offload = zero.get(section)
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        where = f"{path}: zero_optimization.{section}"
+        nvme_path = offload.get("nvme_path")
+        if not isinstance(nvme_path, str) or not nvme_path.strip():
+            raise UserError(f"{where} offloads to NVMe but nvme_path is {json.dumps(nvme_path)}: set \"nvme_path\" "
+                            f"to a folder on the NVMe drive")
+        if not Path(nvme_path).is_dir():
+            raise UserError(f"{where}.nvme_path {nvme_path}: no such folder; create it on the NVMe drive, or fix the "
+                            f"path")
+        if not os.access(nvme_path, os.W_OK | os.X_OK):
+            raise UserError(f"{where}.nvme_path {nvme_path}: cannot write there (permission denied)")
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise UserError(f"{where} offloads to NVMe, which needs DeepSpeed's async_io op, and it cannot be built "
+                            f"on this machine (libaio missing: install libaio-dev, then see `ds_report`)")
 
 
 def owned_conflicts(config: dict, owned: dict) -> list[tuple[str, object, object]]:
@@ -63,13 +95,16 @@ def complete_ds_config(path: Path, config: dict, owned: dict, untested_optimizer
     # ...and measures its own throughput: DeepSpeed's throughput timer synchronises the device at every
     # forward and step (timers.throughput.synchronized), a host sync per micro-batch.
     config.setdefault("timers", {"throughput": {"enabled": False}})
-    unknown, rejected = workarounds.unknown_top_level_keys({k: v for k, v in config.items()
-                                                              if k != "train_batch_size"})
+    unknown, rejected, retyped = workarounds.check_config({k: v for k, v in config.items()
+                                                           if k != "train_batch_size"})
     if rejected:
         raise UserError(f"{path}: DeepSpeed rejects this config: {rejected}")
     if unknown:
         raise UserError(f"{path}: unknown top-level key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: DeepSpeed "
                         f"would ignore {'them' if len(unknown) > 1 else 'it'}; fix or remove")
+    if retyped:
+        raise UserError(f"{path}: {'; '.join(retyped)}: DeepSpeed would silently read another value; write the JSON "
+                        f"type it expects (true/false and numbers without quotes)")
     return config
 
 
@@ -118,6 +153,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, optimizer: str, lr: float, weight_decay: float,
                     ds_config: dict) -> torch.optim.Optimizer:
     groups = parameter_groups(model, weight_decay)
+    workarounds.bound_jit_build_locks()  # before any op is built: a killed build's lock must not hang us
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled on first use, then cached
         return DeepSpeedCPUAdam(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, adamw_mode=True)
@@ -131,6 +167,7 @@ def build_optimizer(model: torch.nn.Module, optimizer: str, lr: float, weight_de
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     """deepspeed.initialize; the returned engine is called like the model and owns backward/step."""
     import deepspeed
+    workarounds.bound_jit_build_locks()
     workarounds.skip_cpu_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
@@ -173,10 +210,12 @@ def optimizer_state_tensors(engine) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- engine state on disk
 
-def save(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
-    """Every rank writes its shard into checkpoint_dir/tag; DeepSpeed's own `latest` file is not used
-    (checkpoint.py's meta.json marks a complete checkpoint). A file that cannot be written raises OSError
-    naming it."""
+def save(engine, checkpoint_dir: Path, tag: str, client_state: dict, open_file) -> list:
+    """Every rank writes its shard into checkpoint_dir/tag, each file through open_file(path) (a file object
+    that checksums what is written and keeps a failed write's OSError as .error); returns this rank's file
+    objects. A failed write does not raise: every rank completes DeepSpeed's save, and the caller decides
+    with the other ranks (checkpoint.save). DeepSpeed's own `latest` file is not used (checkpoint.py's
+    meta.json marks a complete checkpoint)."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -185,8 +224,9 @@ def save(engine, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
     # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    with workarounds.save_naming_the_file(engine):
+    with workarounds.writing_files_through(engine, open_file) as written:
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    return written
 
 
 def load(engine, step_dir: Path) -> dict:

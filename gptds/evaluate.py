@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptds import dist, tasks
-from gptds.config import flag, require
+from gptds.config import check_flags, flag, require
 from gptds.data.chat import chat_format_of
 from gptds.data.loaders import build_loader
 from gptds.errors import UserError
@@ -348,6 +348,7 @@ class EvaluateConfig:
     eval_batches: int = flag(20, "validation batches")
 
     def __post_init__(self):
+        check_flags(self, "evaluate")
         for name in ("limit", "hellaswag_limit", "num_samples"):
             require(getattr(self, name) >= 0, "evaluate", name, getattr(self, name), "0 (all) or more")
         for name in ("batch_size", "gen_batch_size", "eval_batches", "max_new_tokens"):
@@ -359,8 +360,6 @@ class EvaluateConfig:
                 "a positive integer, or omitted for all tokens")
         require(self.context_length is None or self.context_length > 0, "evaluate", "context_length",
                 self.context_length, "a positive integer, or omitted for the model's block_size")
-
-
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict:

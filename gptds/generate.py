@@ -5,14 +5,16 @@ different prompts kept in step, for evaluation (GSM8K) and reinforcement learnin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
 from gptds import dist
-from gptds.config import flag, require
+from gptds.config import SEEDS, check_flags, flag, require
 from gptds.model import KVCache, next_token_of
-from gptds.tokenizer import EOT_ID, IM_END_ID, decode, encode
+from gptds.tokenizer import EOT_ID, IM_END_ID, StreamDecoder, decode, encode
 from gptds.weights import load_model
 
 STOP_TOKENS = (EOT_ID, IM_END_ID)  # the end of a text, the end of a chat model's turn
@@ -20,9 +22,11 @@ STOP_TOKENS = (EOT_ID, IM_END_ID)  # the end of a text, the end of a chat model'
 
 def sample(model: torch.nn.Module, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, seed: int = 1337, device: torch.device | str = "cpu",
-           repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[str]:
+           repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+           stream: Callable[[str], None] | None = None) -> list[str]:
     """The continuation of each prompt, text or token ids (a chat prompt), without the prompt, ending before
-    <|endoftext|> or, from a chat model, <|im_end|>."""
+    <|endoftext|> or, from a chat model, <|im_end|>. With `stream`, the text is also handed to stream(piece)
+    as it is generated (whole characters, a token or a few at a time)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -31,9 +35,12 @@ def sample(model: torch.nn.Module, prompts: list[str | list[int]], max_new_token
         for prompt in prompts:
             ids = (encode(prompt) if isinstance(prompt, str) else list(prompt)) or [EOT_ID]
             idx = torch.tensor([ids], dtype=torch.long, device=device)
+            on_token = _streaming(stream) if stream else None
             tokens = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                                     stop_token=STOP_TOKENS, repetition_penalty=repetition_penalty,
-                                    min_new_tokens=min_new_tokens)[0, len(ids):].tolist()
+                                    min_new_tokens=min_new_tokens, on_token=on_token)[0, len(ids):].tolist()
+            if on_token:
+                on_token(None)
             ends = [tokens.index(t) for t in STOP_TOKENS if t in tokens]
             tokens = tokens[:min(ends)] if ends else tokens
             out.append(decode(tokens))
@@ -92,21 +99,40 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
     return out if prompts else []
 
 
+def _streaming(stream: Callable[[str], None]) -> Callable:
+    """on_token for GPT.generate: each new token's text to stream(), up to a stop token; None flushes."""
+    decoder, ended = StreamDecoder(), [False]
+
+    def on_token(token: torch.Tensor | None) -> None:
+        if ended[0]:
+            return
+        if token is None or int(token[0, 0]) in STOP_TOKENS:
+            ended[0] = True
+            text = decoder.flush()
+        else:
+            text = decoder.add(int(token[0, 0]))
+        if text:
+            stream(text)
+    return on_token
+
+
 @dataclass
 class GenerateConfig:
     """`gptds generate`'s settings."""
     checkpoint: str = flag(None, "gptds weights, training checkpoint or Hugging Face GPT-2 folder", required=True)
-    prompt: str = flag(None, "the text to continue", required=True)
+    prompt: str = flag(None, "the text to continue (may be empty: sampling starts from <|endoftext|>)",
+                       required=True, blank_ok=True)
     max_new_tokens: int = flag(64, "tokens to generate at most (fewer if <|endoftext|> comes first)")
     temperature: float = flag(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = flag(None, "sample from the k most likely tokens only (omitted: all)")
     repetition_penalty: float = flag(1.0, "above 1: tokens already in the prompt or the text so far become less "
                                           "likely (as in transformers; 1: off)")
     min_new_tokens: int = flag(0, "no <|endoftext|> before this many tokens")
-    seed: int = flag(1337, "sampling seed")
+    seed: int = flag(1337, "sampling seed", limits=SEEDS)
     echo_prompt: bool = flag(True, "print the prompt before its continuation")
 
     def __post_init__(self):
+        check_flags(self, "generate")
         require(self.max_new_tokens > 0, "generate", "max_new_tokens", self.max_new_tokens, "a positive integer")
         require(self.temperature >= 0, "generate", "temperature", self.temperature, "0 (greedy) or more")
         require(self.top_k is None or self.top_k > 0, "generate", "top_k", self.top_k,
@@ -117,9 +143,17 @@ class GenerateConfig:
                 f"between 0 and --max_new_tokens ({self.max_new_tokens})")
 
 
-def generate_from_checkpoint(cfg: GenerateConfig) -> str:
-    """The continuation of cfg.prompt by the model at cfg.checkpoint."""
+def generate_from_checkpoint(cfg: GenerateConfig, out: TextIO | None = None) -> str:
+    """The continuation of cfg.prompt by the model at cfg.checkpoint; with `out`, the prompt (unless not
+    echo_prompt) and then the continuation are written to it as they are generated (flushed piece by piece)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(cfg.checkpoint).to(device)
+    stream = None
+    if out is not None:
+        def stream(text: str) -> None:
+            out.write(text)
+            out.flush()
+        if cfg.echo_prompt:
+            stream(cfg.prompt)
     return sample(model, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, device,
-                  cfg.repetition_penalty, cfg.min_new_tokens)[0]
+                  cfg.repetition_penalty, cfg.min_new_tokens, stream)[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gptds.errors import UserError
+from gptds.errors import UserError, parse_json
 
 # Dense bf16/fp16 tensor-core peaks, in FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -117,9 +117,9 @@ def _drop_lines_after(path: Path, step: int) -> None:
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= step:
+                if parse_json(line, str(path))["step"] <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            except (ValueError, KeyError, TypeError, UserError):  # a line cut short by a kill
                 continue
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))

@@ -6,6 +6,7 @@ compiling the blocks' training path. Parameter names are Hugging Face GPT2LMHead
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -46,14 +47,18 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple_of"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer below 2**31, got {value!r}")
         if self.n_embd % self.n_head != 0:
+            heads = [h for h in range(1, min(self.n_embd, 4096) + 1) if self.n_embd % h == 0]
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head "
-                             f"({self.n_head}); allowed n_head values: "
-                             f"{[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0]}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+                             f"({self.n_head}); allowed n_head values: {heads}")
+        for name, low_open in (("dropout", False), ("layer_norm_epsilon", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    (0.0 < value if low_open else 0.0 <= value) and value < 1.0):
+                raise ValueError(f"GPTConfig.{name} must be a number in {'(' if low_open else '['}0, 1), "
+                                 f"got {value!r}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -297,14 +302,18 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  stop_token: int | tuple[int, ...] | None = None, repetition_penalty: float = 1.0,
-                 min_new_tokens: int = 0) -> torch.Tensor:
+                 min_new_tokens: int = 0, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens, sampling at `temperature` (0 = greedy) from the
-        top_k most likely tokens. Rows that emit a stop_token (one id, or a tuple of them) are padded with
-        that token; generation ends when every row has. Inside block_size each new token costs one cached
-        step; beyond it the context slides (the last block_size tokens are re-encoded for each further token).
-        As in transformers: repetition_penalty > 1 makes every token already in the row (prompt or
+        top_k most likely tokens; on_token(next_token (B, 1)) is called as each is drawn (streaming). Rows
+        that emit a stop_token (one id, or a tuple of them) are padded with it; generation ends when every
+        row has. As in transformers: repetition_penalty > 1 makes every token already in the row (prompt or
         continuation) less likely (positive logits divided by it, negative ones multiplied); a stop_token
-        cannot come before min_new_tokens tokens."""
+        cannot come before min_new_tokens tokens.
+        Each new token costs one cached step. Past block_size: GPT-2's positions are learned and absolute,
+        so the cache cannot roll; when it is full, the last block_size // 2 tokens are encoded again from
+        position 0 and generation goes on from there. So every token is predicted from at least the last
+        block_size // 2 tokens and at most block_size, and the cost per token stays bounded (one re-encoding
+        of block_size // 2 tokens per block_size // 2 new ones), however many are asked for."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         block = self.config.block_size
@@ -329,13 +338,15 @@ class GPT(nn.Module):
                 done |= torch.isin(next_token[:, 0], stops)
             seen.scatter_(1, next_token, True)
             idx = torch.cat([idx, next_token], dim=1)
+            if on_token is not None:
+                on_token(next_token)
             if stop_token is not None and bool(done.all()):
                 break
             if cache.pos < block:
                 logits, _ = self(next_token, kv_cache=cache)
-            else:  # window full: re-encode the last block_size tokens
+            else:  # cache full: encode the last half-window again, from position 0
                 cache.pos = 0
-                logits, _ = self(idx[:, -block:], kv_cache=cache)
+                logits, _ = self(idx[:, -(block // 2):], kv_cache=cache)
         return idx
 
 

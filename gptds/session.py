@@ -13,12 +13,13 @@ import torch
 from gptds import checkpoint, dist, engine, tasks
 from gptds.config import Batch, RunConfig, ds_conflict_message, resolve_ds_config_path
 from gptds.data.chat import chat_format_of
-from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data, parse_data_dirs
+from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data, load_manifest, parse_data_dirs
 from gptds.errors import UserError
 from gptds.jobs import JOBS, sample_prompts
+from gptds.locks import FolderLock
 from gptds.metrics import check_wandb_installed, flops_per_token, new_wandb_run_id, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
-from gptds.staging import check_writable
+from gptds.staging import check_no_overlap, check_writable
 from gptds.tokenizer import CHAT_VOCAB_SIZE
 from gptds.weights import load_model, read_config
 
@@ -61,6 +62,7 @@ class Session:
     hellaswag: tasks.Task | None   # scored every --hellaswag_interval steps
     eval_tasks: list[tasks.Task]   # scored every --eval_task_interval steps
     prompts: list[str]
+    locks: list[FolderLock]      # the run folder's and checkpoint folder's (held by rank 0; release() at the end)
     state: LoopState = field(default_factory=LoopState)
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
     batches_since_eval: list[float] = field(default_factory=list)  # training losses since the last evaluation
@@ -149,10 +151,10 @@ def prepare_demo_data(run: RunConfig) -> Path:
 
 
 def set_up(run: RunConfig) -> Session:
-    """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; then build the
-    model, the engine and the loaders, and load the checkpoint."""
+    """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; take the run's
+    folders (one run per folder); then build the model, the engine and the loaders, and load the checkpoint."""
     info = dist.init_distributed()
-    cfg, data, job = run.train, run.data, JOBS[run.job]
+    cfg, data = run.train, run.data
     batch = run.batch(info.world_size)
 
     check_writable(cfg.log_dir, "--log_dir")
@@ -160,19 +162,70 @@ def set_up(run: RunConfig) -> Session:
     if cfg.wandb_project:
         check_wandb_installed()
     ds_config_path, ds_config = load_ds_config(run, batch)
+    specs = parse_data_dirs(data.data_dir) if data.data_dir else []
+    for path, _ in specs:
+        load_manifest(path)  # a folder that is not a prepared dataset is the first thing to say
+    task_files = tasks.parse_task_files(data.eval_task_file) if data.eval_tasks and cfg.eval_task_interval else {}
+    inputs = [("--data_dir", path) for path, _ in specs] + [
+        ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint), ("--hellaswag_file", data.hellaswag_file),
+        ("--deepspeed_config", ds_config_path)] + [
+        ("--eval_task_file", path) for path in task_files.values() if not path.startswith("hub:")]
+    check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
+    check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
     engine.check_precision_supported(ds_config_path, ds_config)
-    ck = run.checkpoint
-    resume_dir = checkpoint.resume_target(run.checkpoint_dir, ck)
-    resume_meta = checkpoint.verify(resume_dir) if resume_dir else None
+    locks: list[FolderLock] = []
+    dist.on_main(lambda: locks.extend(lock_run_folders(run)))  # rank 0 holds them; every rank learns if it could
+    try:
+        return _build(run, info, batch, ds_config_path, ds_config, specs, locks)
+    except BaseException:
+        release(locks, undo=True)  # and remove the folders the lock created, if the run wrote nothing there
+        raise
+
+
+def lock_run_folders(run: RunConfig) -> list[FolderLock]:
+    """The run folder and the checkpoint folder, each locked for this run (waiting up to --lock_wait_s for a
+    run that holds one to end); UserError naming the holder otherwise."""
+    held, seen = [], set()
+    try:
+        for flag, folder in (("--log_dir", run.train.log_dir), ("--checkpoint_dir", run.checkpoint_dir)):
+            if Path(folder).resolve() not in seen:
+                seen.add(Path(folder).resolve())
+                held.append(FolderLock(Path(folder), flag).acquire(run.train.lock_wait_s, dist.print0))
+    except BaseException:
+        release(held, undo=True)
+        raise
+    return held
+
+
+def release(locks: list[FolderLock], undo: bool = False) -> None:
+    for lock in reversed(locks):
+        lock.release(undo)
+    locks.clear()
+
+
+def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Path, ds_config: dict,
+           specs: list[tuple[Path, float]], locks: list[FolderLock]) -> Session:
+    """set_up's second half, inside the run's folders: the checkpoint to resume, data, model, engine."""
+    cfg, data, job, ck = run.train, run.data, JOBS[run.job], run.checkpoint
+    # Rank 0 finds and verifies (reads every byte of) the checkpoint to resume; the other ranks take its word.
+    resume_dir = dist.on_main(lambda: checkpoint.resume_target(run.checkpoint_dir, ck))
+    resume_meta = checkpoint.verify(resume_dir, "sizes") if resume_dir else None
     model_config, model_source = model_config_for(run, resume_meta)
     use_compile = compile_wanted(run, info.device, engine.zero_stage(ds_config))
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
-    specs = parse_data_dirs(data.data_dir) if data.data_dir else [(prepare_demo_data(run), 1.0)]
+    specs = specs or [(prepare_demo_data(run), 1.0)]
     training_data = build_training_data(specs, data.micro_batch_size, data.context_length, info.rank,
                                         info.world_size, cfg.seed)
     train_loader = training_data.train
+    if train_loader.batches_per_epoch() < batch.grad_accum_steps:  # a step would read sequences more than once
+        raise UserError(f"{training_data.description}: the train split holds "
+                        f"{train_loader.batches_per_epoch() * train_loader.sequences_per_micro_step} sequences of "
+                        f"{data.context_length + 1} tokens, fewer than one optimizer step takes (micro batch "
+                        f"{batch.micro_batch_size} x grad accumulation {batch.grad_accum_steps} x {batch.world_size} "
+                        f"rank(s) = {batch.global_batch_size}); lower --micro_batch_size/--grad_accum_steps or "
+                        f"prepare more data")
     (kind,) = training_data.kinds if len(specs) == 1 else (None,)
     if len(specs) == 1 and kind not in job.data_kinds:
         raise UserError(f"{specs[0][0]}: holds {kind!r} data; `gptds {run.job}` needs data from "
@@ -222,7 +275,7 @@ def set_up(run: RunConfig) -> Session:
 
     s = Session(run, info, eng, DeviceBatches(train_loader, info.device), training_data, model_config, batch,
                 max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag,
-                eval_tasks, sample_prompts(training_data.kinds))
+                eval_tasks, sample_prompts(training_data.kinds), locks)
     if resume_dir is not None:
         s.state.step = s.resumed_from_step = checkpoint.load(eng, resume_dir, *s.stateful)
         s.state.val_loss = s.state.val_loss if s.state.val_loss is not None else resume_meta.get("val_loss")

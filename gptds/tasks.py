@@ -20,8 +20,8 @@ from pathlib import Path
 
 from gptds.data.chat import CHAT_FORMAT, Message, prompt_tokens
 from gptds.data.sources import iter_hub_records
-from gptds.errors import UserError
-from gptds.tokenizer import ASSETS_DIR, EOT_ID, IM_END, IM_END_ID, encode
+from gptds.errors import UserError, parse_json
+from gptds.tokenizer import ASSETS_DIR, EOT_ID, IM_END, IM_END_ID, encode, is_blank
 
 TARGET_DELIMITER = " "    # between a prompt and its answer (the harness's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # after each few-shot example (fewshot_delimiter)
@@ -71,7 +71,7 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            doc = json.loads(line)
+            doc = parse_json(line, f"{path}:{lineno}")
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(doc, dict):
@@ -107,10 +107,22 @@ def _field(doc: dict, name: str, kind, where: str):
     return value
 
 
+def _text(value, name: str, where: str) -> str:
+    """A context or question: a string with some visible text (a blank one would score the choices alone)."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {name!r} missing or not a string")
+    if is_blank(value):
+        raise UserError(f"{where}: {name} is empty or blank; every item needs a context or question")
+    return value
+
+
 def _strings(doc: dict, name: str, where: str, count: int | None = None) -> list[str]:
     value = _field(doc, name, list, where)
     if not all(isinstance(v, str) for v in value) or len(value) < 2 or (count and len(value) != count):
         raise UserError(f"{where}: field {name!r} must be a list of {count or 'at least 2'} strings")
+    blank = [i for i, v in enumerate(value) if is_blank(v)]
+    if blank:  # a blank choice is scored on a lone space (or nothing) and can win: it would count as correct
+        raise UserError(f"{where}: {name}[{blank[0]}] is empty or blank; every choice needs some text")
     return value
 
 
@@ -144,6 +156,7 @@ def parse_hellaswag(doc: dict, where: str) -> dict:
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     else:
         ctx = _field(doc, "ctx", str, where)
+    _text(ctx, "ctx", where)
     label = doc.get("activity_label")
     query = hellaswag_preprocess(f"{label}: {ctx}" if isinstance(label, str) else ctx)
     return {"query": query, "choices": [hellaswag_preprocess(e) for e in endings],
@@ -163,11 +176,13 @@ def parse_arc(doc: dict, where: str) -> dict:
     else:
         choices = _field(doc, "choices", dict, where)
         texts, labels = choices.get("text"), choices.get("label")
-    if not isinstance(question, str):
-        raise UserError(f"{where}: field 'question' missing or not a string")
+    _text(question, "question", where)
     if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or len(texts) < 2 \
             or not all(isinstance(t, str) for t in texts + labels):
         raise UserError(f"{where}: choices need as many string texts as labels (at least 2)")
+    blank = [i for i, t in enumerate(texts) if is_blank(t)]
+    if blank:
+        raise UserError(f"{where}: choices.text[{blank[0]}] is empty or blank; every choice needs some text")
     key = _field(doc, "answerKey", str, where)
     if key not in labels:
         raise UserError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
@@ -176,7 +191,7 @@ def parse_arc(doc: dict, where: str) -> dict:
 
 def parse_mmlu(doc: dict, where: str) -> dict:
     choices = _strings(doc, "choices", where, count=4)
-    return {"question": _field(doc, "question", str, where), "subject": _field(doc, "subject", str, where),
+    return {"question": _text(doc.get("question"), "question", where), "subject": _field(doc, "subject", str, where),
             "choices": choices, "gold": _index(doc.get("answer"), 4, "answer", where)}
 
 
@@ -184,7 +199,7 @@ def parse_gsm8k(doc: dict, where: str) -> dict:
     answer = _field(doc, "answer", str, where)
     if "####" not in answer:
         raise UserError(f"{where}: field 'answer' has no '#### N' final answer")
-    return {"question": _field(doc, "question", str, where), "answer": answer}
+    return {"question": _text(doc.get("question"), "question", where), "answer": answer}
 
 
 def parse_generic(doc: dict, where: str) -> dict:
@@ -192,9 +207,9 @@ def parse_generic(doc: dict, where: str) -> dict:
     "Question: ...\\nAnswer:"), "choices" (each scored as " " + choice) and "answer" (index)."""
     choices = _strings(doc, "choices", where)
     if isinstance(doc.get("context"), str):
-        context = doc["context"]
+        context = _text(doc["context"], "context", where)
     elif isinstance(doc.get("question"), str):
-        context = f"Question: {doc['question']}\nAnswer:"
+        context = f"Question: {_text(doc['question'], 'question', where)}\nAnswer:"
     else:
         raise UserError(f"{where}: needs a string field 'context' or 'question'")
     return {"context": context, "choices": choices, "gold": _index(doc.get("answer"), len(choices), "answer", where)}

@@ -11,8 +11,10 @@ apply_chat_template relies on). Text without special-token strings encodes to th
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
+import re
 from pathlib import Path
 
 import tiktoken
@@ -59,6 +61,30 @@ def encode(text: str) -> list[int]:
 def decode(ids) -> str:
     """Text of token ids; the special tokens as their strings."""
     return _chat_encoding().decode(list(ids))
+
+
+class StreamDecoder:
+    """Text of a token stream as it grows: a GPT-2 token may hold part of a UTF-8 character, so the bytes
+    of a character split across tokens are held back until the character is complete."""
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        return self._utf8.decode(get_tokenizer().decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+# Characters that show nothing: whitespace, C0/C1 controls (NUL included), zero-width and BOM characters.
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]*")
+
+
+def is_blank(text: str) -> bool:
+    """True for text with no visible character (empty, whitespace, NULs, control characters only): as a
+    document or a record field it would train on padding-like tokens, or score an empty answer."""
+    return _BLANK.fullmatch(text) is not None
 
 
 @functools.cache

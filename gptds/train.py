@@ -20,7 +20,7 @@ from gptds.evaluate import run_task, validation_metrics
 from gptds.generate import sample
 from gptds.metrics import Console, MetricsLogger, hms
 from gptds.model import token_losses
-from gptds.session import Session, set_up
+from gptds.session import Session, release, set_up
 from gptds.tokenizer import decode
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before SIGKILL
@@ -80,6 +80,7 @@ def train(run: RunConfig) -> Session:
         stop.restore()
         console.close()
         log.close()
+        release(s.locks)
     return s
 
 

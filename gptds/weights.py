@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from gptds import checkpoint, engine
 from gptds.data.chat import CHAT_TEMPLATE, chat_format_of
-from gptds.errors import UserError, read_json_object
+from gptds.errors import UserError, parse_json, read_json_object
 from gptds.model import GPT, GPTConfig
+from gptds.staging import recover
 from gptds.tokenizer import EOT_ID, IM_END_ID, write_hf_tokenizer_files
 
 # Linear layers that Hugging Face's GPT-2 stores as Conv1D (weight of shape (in, out)).
@@ -101,7 +103,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
     parts, weight_map = [], {}
     for i, shard in enumerate(iter_shards(((k, v.contiguous()) for k, v in tensors), max_shard_bytes)):
         part = folder / f"{stem}-{i + 1:05d}.partial"  # the shard count is known only at the end
-        save_file(shard, str(part), metadata=metadata)
+        _save_file(shard, part, metadata)
         parts.append(part)
         weight_map.update(dict.fromkeys(shard, i))
         del shard
@@ -110,7 +112,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
         if parts:
             os.replace(parts[0], single)
         else:
-            save_file({}, str(single), metadata=metadata)
+            _save_file({}, single, metadata)
         return [single]
     final = [folder / f"{stem}-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     for part, dest in zip(parts, final):
@@ -119,6 +121,18 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
     index.write_text(json.dumps({"metadata": metadata, "weight_map": {k: final[i].name for k, i in weight_map.items()}},
                                 indent=1))
     return final + [index]
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors' save_file, whose I/O errors (a full disk) become the OSError they are, naming the file:
+    safetensors reports them as SafetensorError("... (os error 28) ...")."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if not code:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def gptds_metadata(config: GPTConfig, extra: dict | None = None) -> dict:
@@ -133,7 +147,7 @@ def save_gptds_weights(config: GPTConfig, tensors: Iterable[tuple[str, torch.Ten
     out = Path(out)
     tensors = ((k, v) for k, v in tensors if k != TIED_KEY)
     if out.suffix == ".safetensors":
-        save_file(dict(tensors), str(out), metadata=gptds_metadata(config, metadata))
+        _save_file(dict(tensors), out, gptds_metadata(config, metadata))
         return [out]
     out.mkdir(parents=True, exist_ok=True)
     return write_safetensors(tensors, out, gptds_metadata(config, metadata), max_shard_bytes=max_shard_bytes)
@@ -190,7 +204,10 @@ def read_gptds_config(path: Path) -> GPTConfig:
 def _gptds_config(path: Path, metadata: dict) -> GPTConfig:
     if "gptds_config" not in metadata:
         raise WeightsError(f"{path}: safetensors weights without gptds_config metadata (not written by gptds)")
-    return GPTConfig.from_dict(json.loads(metadata["gptds_config"]))
+    try:
+        return GPTConfig.from_dict(parse_json(metadata["gptds_config"], f"{path}: gptds_config metadata"))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{path}: gptds_config metadata is not a GPT config ({e})") from None
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
@@ -215,8 +232,12 @@ def hf_config_to_gptds(hf: dict, source: Path) -> GPTConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise WeightsError(f"{source}/config.json: activation_function={hf['activation_function']!r} "
                            f"(gptds uses the tanh GELU, 'gelu_new')")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+    try:
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}/config.json: not a GPT-2 config gptds can build ({e})") from None
 
 
 def gptds_config_to_hf(config: GPTConfig) -> dict:
@@ -349,6 +370,8 @@ def load_checkpoint_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torc
 # ---------------------------------------------------------------- any path
 
 def _kind(path: Path) -> str:
+    if not path.exists():
+        recover(path)  # a `convert --overwrite` killed between its two renames: its previous output
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     if is_hf_directory(path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptds import checkpoint
 from gptds.config import resolve_ds_config_path
 from gptds.data.prepare import (
     PrepareChatConfig,
@@ -26,6 +27,7 @@ from gptds.data.prepare import (
     prepare_dolly,
     prepare_text,
 )
+from gptds.model import GPTConfig
 from gptds.tokenizer import ASSETS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +155,21 @@ def tiny_checkpoint(tmp_path_factory, text_data) -> Path:
                                       fp32_config(tmp, "zero2"), "--log_dir", str(tmp / "run"), "--max_steps", "2",
                                       "--optimizer", "adamw", *TINY_RUN]}], tmp, "tiny")
     return tmp / "run" / "checkpoints"
+
+
+# What a real meta.json holds (checkpoint.META_FIELDS), for checkpoints made up by the tests.
+FAKE_META = {"job": "pretrain", "model_config": GPTConfig.from_preset("tiny").to_dict(), "kind": "deepspeed",
+             "run_config": {"data": {"micro_batch_size": 2, "context_length": 32},
+                            "train": {"grad_accum_steps": 1, "seed": 5}},
+             "data_manifest_sha256": "ab" * 32, "world_size": 2, "zero_stage": 2, "optimizer": "adamw",
+             "precision": "fp32"}
+
+
+def fake_checkpoint(checkpoint_dir: Path, step: int, content: bytes = b"x" * 1000, **meta) -> Path:
+    """A step folder that is complete and intact as far as meta.json says (every field, sizes, checksums),
+    holding one made-up shard file."""
+    step_dir = Path(checkpoint_dir) / checkpoint.step_tag(step)
+    step_dir.mkdir(parents=True)
+    (step_dir / "shard.pt").write_bytes(content)
+    checkpoint.write_meta(step_dir, {**FAKE_META, **meta, "step": step})
+    return step_dir

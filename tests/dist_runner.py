@@ -60,13 +60,15 @@ def nan_loss(fault: dict):
 
 
 def _save_hook(fault: dict, act):
-    """torch.save as DeepSpeed's checkpoint engine calls it; act(path, files_written_so_far) runs before
-    each write into the folder of checkpoint tag fault["tag"]."""
+    """torch.save as DeepSpeed's checkpoint engine calls it (into gptds's checksummed file object, or a path);
+    act(path, file, files_written_so_far) runs before each write into the folder of checkpoint tag
+    fault["tag"] and may return a file object to write into instead."""
     original, written = torch.save, [0]
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and fault["tag"] in Path(f).parts:
-            act(Path(f), written[0])
+        path = getattr(f, "name", f)
+        if isinstance(path, (str, os.PathLike)) and fault["tag"] in Path(path).parts:
+            f = act(Path(path), f, written[0]) or f
             original(obj, f, *args, **kwargs)
             written[0] += 1
             return
@@ -77,20 +79,41 @@ def _save_hook(fault: dict, act):
 def kill_in_save(fault: dict):
     """SIGKILL this rank in the middle of a checkpoint: after `after_files` files of that save, with the
     next one half written."""
-    def act(path: Path, written: int):
+    def act(path: Path, f, written: int):
         if written == fault["after_files"]:
             path.write_bytes(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
     return _save_hook(fault, act)
 
 
+class FullDisk:
+    """A file on a disk that fills up after `room` more bytes: the write that does not fit fails with ENOSPC,
+    as the kernel reports it, inside torch.save (which turns it into an "[enforce fail at inline_container.cc]"
+    RuntimeError)."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def enospc_in_save(fault: dict):
-    """The disk fills up during a checkpoint: after `after_files` files of that save, the next one is
-    half written and the write fails with ENOSPC."""
-    def act(path: Path, written: int):
+    """The disk fills up during a checkpoint: after `after_files` files of that save, the next one fails
+    with ENOSPC after 1000 bytes."""
+    def act(path: Path, f, written: int):
         if written == fault["after_files"]:
-            path.write_bytes(b"half a file")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            if hasattr(f, "file"):  # gptds's checksummed file: the disk under it fills up
+                f.file = FullDisk(f.file, 1000)
+            else:
+                path.write_bytes(b"half a file")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return _save_hook(fault, act)
 
 

@@ -1,24 +1,31 @@
-"""The reliability figures the test suite produces (issue: faults injected, runs resumed exactly, hostile
-inputs tried and refused cleanly, data lost), merged by test module into one JSON file: by default
-runs/reliability-report.json, or $GPTDS_RELIABILITY_REPORT."""
+"""The reliability figures the fault-injection and hostile-input suites count (faults injected, runs resumed
+exactly, hostile inputs tried and refused cleanly, data lost), merged by test module into one JSON file, and
+only when asked: bench/reliability.py runs those suites with $GPTDS_RELIABILITY_REPORT set to a file of its
+own and turns it into bench/results/reliability-cpu-<date>.json. A plain test run writes nothing (tests write
+only to temporary folders)."""
 
 import json
 import os
 from pathlib import Path
 
 import psutil
+import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TOTALS = ("faults_injected", "runs_resumed_exactly", "inputs_tried", "inputs_refused_cleanly", "data_lost")
-
-
-def report_path() -> Path:
-    return Path(os.environ.get("GPTDS_RELIABILITY_REPORT", ROOT / "runs" / "reliability-report.json"))
+TOTALS = ("faults_injected", "runs_resumed_exactly", "inputs_tried", "inputs_refused_cleanly",
+          "inputs_accepted_correctly", "data_lost")
 
 
-def write_report(section: str, figures: dict) -> Path:
-    """Merge one test module's figures into the report; sections of an earlier pytest process are dropped."""
+def report_path() -> Path | None:
+    path = os.environ.get("GPTDS_RELIABILITY_REPORT")
+    return Path(path) if path else None
+
+
+def write_report(section: str, figures: dict) -> Path | None:
+    """Merge one test module's figures into the report, if one was asked for; sections of an earlier pytest
+    process are dropped."""
     path = report_path()
+    if path is None:
+        return None
     session = f"{os.getpid()}-{psutil.Process().create_time():.0f}"
     try:
         report = json.loads(path.read_text())
@@ -32,3 +39,12 @@ def write_report(section: str, figures: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
+
+
+def figures_fixture(section: str, figures: dict):
+    """A module-scoped autouse fixture that hands a test module's figures to write_report when it ends."""
+    @pytest.fixture(scope="module", autouse=True)
+    def report():
+        yield figures
+        write_report(section, figures)
+    return report

@@ -191,8 +191,8 @@ def test_missing_and_truncated_rank_shards(ckpts, tmp_path, capsys):
 @pytest.mark.parametrize("damaged", ["*optim_states.pt", "*model_states.pt"])
 @pytest.mark.parametrize("command", ["zero-to-fp32", "zero-to-hf", "zero-to-universal"])
 def test_a_damaged_shard_of_the_right_size_is_one_line(ckpts, tmp_path, capsys, command, damaged):
-    """Sizes match meta.json, contents are garbage (bit rot, a copy gone wrong): DeepSpeed's reader fails, and
-    gptds says which checkpoint, in one line, leaving nothing behind."""
+    """Sizes match meta.json, contents are garbage (bit rot, a copy gone wrong): the file's checksum in meta.json
+    no longer matches, and gptds says which checkpoint and file, in one line, leaving nothing behind."""
     import shutil
     broken = tmp_path / "ckpt"
     source = ckpts["tmp"] / ("z1" if command == "zero-to-universal" else "z3") / "checkpoints"
@@ -204,7 +204,7 @@ def test_a_damaged_shard_of_the_right_size_is_one_line(ckpts, tmp_path, capsys, 
     *progress, error = capsys.readouterr().err.strip().splitlines()  # DeepSpeed's reader draws a progress bar
     assert all(re.search(r"\[\d\d:\d\d", line) for line in progress) and "Traceback" not in error, progress
     assert error.startswith("gptds convert: error: ") and step.name in error, error
-    assert "cannot read this checkpoint's shards" in error, error
+    assert f"file {shard.name} does not match its xxh3_128 checksum in meta.json" in error, error
     no_leftovers(tmp_path / "out")
 
 

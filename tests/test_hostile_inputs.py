@@ -1,9 +1,13 @@
-"""Hostile inputs, tried on purpose, for `prepare`, `pretrain`, `finetune`, `convert` and `generate`: empty,
-truncated, binary, wrong encoding, wrong fields and types, huge lines, DeepSpeed configs with wrong types or
-unknown keys, zero and negative sizes. Each must end with exit status 2 and one line on stderr,
+"""Hostile inputs, tried on purpose, for `prepare`, `pretrain`, `finetune`, `convert`, `generate` and `evaluate`:
+empty, truncated, binary, wrong encoding, wrong fields and types, duplicate keys, deeply nested JSON in every
+kind of JSON gptds reads, blank documents and records, huge lines, DeepSpeed configs with wrong types (strings
+or numbers where DeepSpeed expects booleans, and the reverse), unknown keys or a missing NVMe path, zero,
+negative, non-finite and out-of-range numbers for flags, blank paths, outputs that overlap their inputs,
+damaged checkpoints and malformed evaluation items. Each must end with exit status 2 and one line on stderr,
 `gptds <command>: error: ...`, that names what is wrong (the file, line or byte offset, field or flag); no
-traceback; and nothing half-written left behind: the output never appears, and no staging or temp file stays.
-The counts go to the reliability report (tests/reliability_report.py)."""
+traceback; and nothing half-written left behind: the output never appears, the inputs are unchanged, and no
+staging or temp file stays. With $GPTDS_RELIABILITY_REPORT set (bench/reliability.py sets it) the counts go
+there (tests/reliability_report.py)."""
 
 import json
 import random
@@ -12,21 +16,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_report import write_report
+from conftest import fake_checkpoint
+from reliability_report import figures_fixture
 
 from gptds.__main__ import main
 from gptds.tokenizer import ASSETS_DIR
 
 FIGURES = {"inputs_tried": 0, "inputs_refused_cleanly": 0, "inputs_accepted_correctly": 0, "data_lost": 0,
            "inputs": []}
+report = figures_fixture("hostile_inputs", FIGURES)
 TRAIN = ["--model", "tiny", "-B", "2", "-T", "32", "--max_steps", "1", "--eval_interval", "0", "--generate_interval",
          "0", "--hellaswag_interval", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield FIGURES
-    print(f"\nhostile-input figures: {write_report('hostile_inputs', FIGURES)}")
 
 
 # ---------------------------------------------------------------- the inputs: (file name, bytes)
@@ -37,6 +37,12 @@ def dolly(**fields) -> bytes:
 
 
 HF_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 50257}
+DEEP = "[" * 5000 + "]" * 5000  # nesting beyond the parser's recursion limit
+
+
+def eval_item(**fields) -> bytes:
+    return (json.dumps({"ctx": "A man sits down.", "endings": ["He eats.", "He runs.", "He sleeps.", "He sings."],
+                        "label": 1, **fields}) + "\n").encode()
 RNG = random.Random(0)
 BINARY = bytes(RNG.randrange(256) for _ in range(4096))
 
@@ -74,6 +80,48 @@ FILES = {
     "hf_binary_bin/pytorch_model.bin": BINARY,
     "not_a_checkpoint/step_00000004/something.pt": BINARY,
     "empty_dir/.keep": b"",
+    # deeply nested JSON, in every kind of JSON file gptds reads
+    "deep.jsonl": ('{"text": ' + DEEP + '}\n').encode(),
+    "deep_array.json": ('[{"instruction": "a", "input": "", "output": ' + DEEP + '}]').encode(),
+    "deep_ds.json": ('{"zero_optimization": ' + DEEP + '}').encode(),
+    "deep_eval.jsonl": ('{"ctx": ' + DEEP + '}\n').encode(),
+    "hf_deep/config.json": ('{"model_type": ' + DEEP + '}').encode(),
+    "index_deep/model.safetensors.index.json": ('{"weight_map": ' + DEEP + '}').encode(),
+    # a key twice in one record: JSON readers keep the last value without a word
+    "dup.jsonl": b'{"text": "first", "text": "second"}\n',
+    "dolly_dup.jsonl": b'{"instruction": "a", "context": "", "response": "b", "response": "c"}\n',
+    # blank documents and records
+    "blank.txt": b" \n\t  \r\n   \n",
+    "nul.txt": b"\0" * 5000,
+    "blank_docs.jsonl": b'{"text": "   \\n "}\n{"text": "\\u0000\\u0000\\t"}\n',
+    "dolly_blank.jsonl": dolly(instruction=" \t", response="\0\0", context="  ", category=""),
+    # evaluation items
+    "eval_list.jsonl": eval_item() + b"[1, 2]\n",
+    "eval_bool_label.jsonl": eval_item(label=True),
+    "eval_empty_ending.jsonl": eval_item(endings=["He eats.", "", "He sleeps.", "He sings."]),
+    "eval_blank_ctx.jsonl": eval_item(ctx=" \n "),
+    "eval_number_ending.jsonl": eval_item(endings=["He eats.", 4, "He sleeps.", "He sings."]),
+    "eval_dup.jsonl": b'{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0, "label": 2}\n',
+    # DeepSpeed configs whose values DeepSpeed would reinterpret, or whose NVMe path is missing
+    "ds_bf16_string.json": b'{"bf16": {"enabled": "false"}}',
+    "ds_fp16_number.json": b'{"fp16": {"enabled": 1}}',
+    "ds_overlap_string.json": b'{"zero_optimization": {"stage": 2, "overlap_comm": "false"}}',
+    "ds_bucket_bool.json": b'{"zero_optimization": {"stage": 2, "reduce_bucket_size": true}}',
+    "ds_steps_string.json": b'{"steps_per_print": "10"}',
+    "ds_pin_number.json": b'{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", '
+                          b'"pin_memory": 1}}}',
+    "ds_nvme_no_path.json": b'{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}',
+    "ds_nvme_absent.json": b'{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", '
+                           b'"nvme_path": "/nonexistent/nvme"}}}',
+    # numbers that are not finite, configs no GPT can be built from
+    "hf_nan/config.json": json.dumps(HF_CONFIG).replace('"vocab_size": 50257', '"vocab_size": 50257, '
+                                                        '"layer_norm_epsilon": NaN').encode(),
+    "hf_indivisible/config.json": json.dumps({**HF_CONFIG, "n_head": 3}).encode(),
+    "hf_epsilon_string/config.json": json.dumps({**HF_CONFIG, "layer_norm_epsilon": "1e-5"}).encode(),
+    "ds_infinite.json": b'{"zero_optimization": {"stage": 2, "reduce_bucket_size": Infinity}}',
+    # inputs that outputs must not overlap
+    "corpus/a.txt": b"Some text to prepare.\n",
+    "dolly_dir/records.jsonl": dolly(),
 }
 
 
@@ -92,6 +140,21 @@ def inputs(tmp_path_factory, text_data):
     manifest.write_text(manifest.read_text()[:200])
     (root / "binary_manifest" / "manifest.json").write_bytes(BINARY)
     (root / "manifest_list" / "manifest.json").write_text("[1, 2, 3]")
+    for damage in ("deep_manifest", "dup_manifest"):
+        shutil.copytree(text_data, root / damage)
+    (root / "deep_manifest" / "manifest.json").write_text('{"format": ' + DEEP + "}")
+    manifest = (root / "dup_manifest" / "manifest.json")
+    manifest.write_text(manifest.read_text().replace('"kind": "text",', '"kind": "text", "kind": "instruct",'))
+    # checkpoints: intact (to convert onto itself), damaged in place, meta.json field renamed or nested too deep
+    for name in ("ckpt", "ckpt_damaged", "ckpt_renamed", "ckpt_deep_meta"):
+        fake_checkpoint(root / name, 1, BINARY)
+    shard = root / "ckpt_damaged" / "step_00000001" / "shard.pt"
+    with open(shard, "r+b") as f:  # bytes overwritten inside, the size unchanged
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    meta = root / "ckpt_renamed" / "step_00000001" / "meta.json"
+    meta.write_text(meta.read_text().replace('"model_config"', '"model_cfg"'))
+    (root / "ckpt_deep_meta" / "step_00000001" / "meta.json").write_text('{"format": ' + DEEP + "}")
     return root
 
 
@@ -202,6 +265,159 @@ CASES = {
                                           r"hf_binary_bin/pytorch_model\.bin: not a readable PyTorch weights file"),
     "generate: garbage weights": (["generate", "--checkpoint", IN + "/garbage.safetensors", "--prompt", "Hi"],
                                   r"garbage\.safetensors: not a readable safetensors file"),
+    # deeply nested JSON, in each kind of JSON gptds reads
+    "deep: a JSONL record": (["prepare", "text", "--input", IN + "/deep.jsonl", "--output_dir", OUT],
+                             r"deep\.jsonl:1: JSON nested too deeply"),
+    "deep: a JSON array record": (["prepare", "dolly", "--input", IN + "/deep_array.json", "--output_dir", OUT],
+                                  r"deep_array\.json:1: JSON nested too deeply"),
+    "deep: a DeepSpeed config": (["pretrain", "--deepspeed_config", IN + "/deep_ds.json"],
+                                 r"deep_ds\.json: JSON nested too deeply"),
+    "deep: a manifest": (["pretrain", "--data_dir", IN + "/deep_manifest"],
+                         r"deep_manifest/manifest\.json: JSON nested too deeply"),
+    "deep: a Hugging Face config": (["finetune", "--pretrained_checkpoint", IN + "/hf_deep"],
+                                    r"hf_deep/config\.json: JSON nested too deeply"),
+    "deep: a safetensors index": (["generate", "--checkpoint", IN + "/index_deep", "--prompt", "Hi"],
+                                  r"model\.safetensors\.index\.json: JSON nested too deeply"),
+    "deep: an evaluation item": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                                  IN + "/deep_eval.jsonl"], r"deep_eval\.jsonl:1: JSON nested too deeply"),
+    "deep: a checkpoint's meta.json": (["convert", "zero-to-fp32", IN + "/ckpt_deep_meta", OUT],
+                                       r"ckpt_deep_meta: no complete and intact checkpoint here .*JSON nested too "
+                                       r"deeply"),
+    # a key twice in one object
+    "duplicate key: a text record": (["prepare", "text", "--input", IN + "/dup.jsonl", "--output_dir", OUT],
+                                     r"dup\.jsonl:1: key 'text' appears twice"),
+    "duplicate key: a Dolly record": (["prepare", "dolly", "--input", IN + "/dolly_dup.jsonl", "--output_dir", OUT],
+                                      r"dolly_dup\.jsonl:1: key 'response' appears twice"),
+    "duplicate key: a manifest": (["pretrain", "--data_dir", IN + "/dup_manifest"],
+                                  r"dup_manifest/manifest\.json: key 'kind' appears twice"),
+    "duplicate key: an evaluation item": (["evaluate", "--checkpoint", IN + "/garbage.safetensors",
+                                           "--hellaswag_file", IN + "/eval_dup.jsonl"],
+                                          r"eval_dup\.jsonl:1: key 'label' appears twice"),
+    # blank documents and records
+    "blank: a whitespace-only file": (["prepare", "text", "--input", IN + "/blank.txt", "--output_dir", OUT],
+                                      r"no documents in \S+blank\.txt: .*empty documents: 1"),
+    "blank: a NUL-only file": (["prepare", "text", "--input", IN + "/nul.txt", "--output_dir", OUT],
+                               r"no documents in \S+nul\.txt: .*empty documents: 1"),
+    "blank: whitespace and NUL records": (["prepare", "text", "--input", IN + "/blank_docs.jsonl", "--output_dir",
+                                           OUT], r"no documents in \S+blank_docs\.jsonl: .*empty documents: 2"),
+    "blank: a Dolly record": (["prepare", "dolly", "--input", IN + "/dolly_blank.jsonl", "--output_dir", OUT],
+                              r"dolly_blank\.jsonl:1: field 'instruction' is empty or blank"),
+    # evaluation items
+    "eval: a list, not an item": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                                   IN + "/eval_list.jsonl"], r"eval_list\.jsonl:2: expected a JSON object"),
+    "eval: a boolean label": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                               IN + "/eval_bool_label.jsonl"], r"eval_bool_label\.jsonl:1: field 'label'"),
+    "eval: an empty ending": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                               IN + "/eval_empty_ending.jsonl"],
+                              r"eval_empty_ending\.jsonl:1: endings\[1\] is empty or blank"),
+    "eval: a blank context": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                               IN + "/eval_blank_ctx.jsonl"], r"eval_blank_ctx\.jsonl:1: ctx is empty or blank"),
+    "eval: a number as ending": (["evaluate", "--checkpoint", IN + "/garbage.safetensors", "--hellaswag_file",
+                                  IN + "/eval_number_ending.jsonl"],
+                                 r"eval_number_ending\.jsonl:1: field 'endings' must be a list"),
+    "eval: an empty ending, in training": (["pretrain", "--data_dir", "{text_data}", "--hellaswag_interval", "1",
+                                            "--hellaswag_file", IN + "/eval_empty_ending.jsonl"],
+                                           r"eval_empty_ending\.jsonl:1: endings\[1\] is empty or blank"),
+    # DeepSpeed configs: values DeepSpeed would reinterpret silently, NVMe offload without its folder
+    "ds types: bf16 enabled as a string": (["pretrain", "--deepspeed_config", IN + "/ds_bf16_string.json"],
+                                           r"bf16\.enabled = \"false\" is not a valid boolean"),
+    "ds types: fp16 enabled as a number": (["pretrain", "--deepspeed_config", IN + "/ds_fp16_number.json"],
+                                           r"fp16\.enabled = 1 is not a valid boolean"),
+    "ds types: a boolean as a string": (["pretrain", "--deepspeed_config", IN + "/ds_overlap_string.json"],
+                                        r"zero_optimization\.overlap_comm = \"false\" \(a string where DeepSpeed "
+                                        r"expects true or false\)"),
+    "ds types: a number as a boolean": (["pretrain", "--deepspeed_config", IN + "/ds_bucket_bool.json"],
+                                        r"zero_optimization\.reduce_bucket_size = true \(a boolean where DeepSpeed "
+                                        r"expects a number\)"),
+    "ds types: a top-level number as a string": (["pretrain", "--deepspeed_config", IN + "/ds_steps_string.json"],
+                                                 r"steps_per_print = \"10\" \(a string where DeepSpeed expects a "
+                                                 r"number\)"),
+    "ds types: a nested boolean as a number": (["pretrain", "--optimizer", "adamw", "--deepspeed_config",
+                                                IN + "/ds_pin_number.json"],
+                                               r"offload_optimizer\.pin_memory = 1 \(a number where DeepSpeed"),
+    "ds config: NVMe without a path": (["pretrain", "--optimizer", "adamw", "--deepspeed_config",
+                                        IN + "/ds_nvme_no_path.json"],
+                                       r"zero_optimization\.offload_param offloads to NVMe but nvme_path is null"),
+    "ds config: NVMe folder absent": (["pretrain", "--optimizer", "adamw", "--deepspeed_config",
+                                       IN + "/ds_nvme_absent.json"], r"nvme_path /nonexistent/nvme: no such folder"),
+    # numbers out of range, not finite; blank paths
+    "range: a negative seed": (["pretrain", "--seed", "-1"],
+                               r"--seed \(train\.seed\) = -1 is not allowed: an integer from 0 to 4294967295"),
+    "range: a seed beyond numpy's": (["pretrain", "--seed", str(2**32)], r"--seed \(train\.seed\) = 4294967296"),
+    "range: a sampling seed beyond numpy's": (["generate", "--checkpoint", IN + "/garbage.safetensors", "--prompt",
+                                               "Hi", "--seed", str(10**20)], r"--seed \(generate\.seed\) = "),
+    "range: a micro batch beyond 64 bits": (["pretrain", "-B", str(10**30)],
+                                            r"--micro_batch_size \(data\.micro_batch_size\) = 10{30} is not "
+                                            r"allowed: an integer that fits in 64 bits"),
+    "range: steps beyond 64 bits": (["pretrain", "--max_steps", str(10**30)], r"--max_steps .* fits in 64 bits"),
+    "range: a million tokeniser processes": (["prepare", "text", "--input", IN + "/corpus", "--output_dir", OUT,
+                                              "--num_workers", "1000000"],
+                                             r"--num_workers .* an integer from 0 to 256"),
+    "range: evaluation batches beyond 64 bits": (["evaluate", "--checkpoint", IN + "/garbage.safetensors",
+                                                  "--eval_batches", str(2**64)], r"--eval_batches .* fits in 64 bits"),
+    "finite: a nan learning rate": (["pretrain", "--lr", "nan"], r"--lr \(train\.lr\) = nan is not allowed: a finite"),
+    "finite: an infinite learning rate": (["finetune", "--lr", "inf"], r"--lr \(train\.lr\) = inf is not allowed"),
+    "finite: an infinite weight decay": (["pretrain", "--weight_decay", "inf"], r"--weight_decay .* = inf"),
+    "finite: an infinite temperature": (["generate", "--checkpoint", IN + "/garbage.safetensors", "--prompt", "Hi",
+                                         "--temperature", "inf"], r"--temperature .* = inf is not allowed"),
+    "finite: an infinite shard size": (["convert", "zero-to-fp32", IN + "/ckpt", OUT, "--max_shard_mb", "inf"],
+                                       r"--max_shard_mb .* = inf is not allowed"),
+    "blank: an empty --log_dir": (["pretrain", "--log_dir", ""], r"--log_dir \(train\.log_dir\) = '' is not allowed"),
+    "blank: a blank --data_dir": (["pretrain", "--data_dir", "  "], r"--data_dir \(data\.data_dir\) = '  '"),
+    "blank: an empty --output_dir": (["prepare", "text", "--input", IN + "/corpus", "--output_dir", ""],
+                                     r"--output_dir .* = '' is not allowed"),
+    "finite: NaN in a Hugging Face config": (["convert", "hf-to-gptds", IN + "/hf_nan", OUT + ".safetensors"],
+                                             r"hf_nan/config\.json: the number NaN is not finite"),
+    "finite: Infinity in a DeepSpeed config": (["pretrain", "--deepspeed_config", IN + "/ds_infinite.json"],
+                                               r"ds_infinite\.json: the number Infinity is not finite"),
+    "config: heads that do not divide the width": (["convert", "hf-to-gptds", IN + "/hf_indivisible",
+                                                    OUT + ".safetensors"],
+                                                   r"hf_indivisible/config\.json: not a GPT-2 config gptds can build "
+                                                   r"\(GPTConfig\.n_embd \(64\) must be divisible"),
+    "config: an epsilon as a string": (["finetune", "--pretrained_checkpoint", IN + "/hf_epsilon_string"],
+                                       r"hf_epsilon_string/config\.json: not a GPT-2 config .*layer_norm_epsilon"),
+    # a batch larger than the split
+    "batch: larger than the split": (["pretrain", "--data_dir", "{text_data}", "-B", "100000"],
+                                     r"the train split holds \d+ sequences of 33 tokens, fewer than one micro step "
+                                     r"takes \(100000 per rank"),
+    "batch: an optimizer step larger than the split": (["pretrain", "--data_dir", "{text_data}", "--grad_accum_steps",
+                                                        str(2**40)],
+                                                       r"fewer than one optimizer step takes \(micro batch 2 x grad "
+                                                       r"accumulation 1099511627776 x 1 rank\(s\)"),
+    # outputs overlapping inputs, --overwrite or not
+    "overlap: prepare into its input": (["prepare", "text", "--input", IN + "/corpus", "--output_dir",
+                                         IN + "/corpus", "--overwrite"],
+                                        r"--output_dir \S+/corpus is the same path as the input --input"),
+    "overlap: prepare inside its input": (["prepare", "text", "--input", IN + "/corpus", "--output_dir",
+                                           IN + "/corpus/prepared", "--overwrite"],
+                                          r"--output_dir \S+/corpus/prepared lies inside the input --input"),
+    "overlap: prepare over a folder holding its input": (["prepare", "text", "--input", IN + "/corpus/a.txt",
+                                                          "--output_dir", IN + "/corpus", "--overwrite"],
+                                                         r"--output_dir \S+/corpus contains the input --input"),
+    "overlap: dolly into its input": (["prepare", "dolly", "--input", IN + "/dolly_dir", "--output_dir",
+                                       IN + "/dolly_dir", "--overwrite"], r"is the same path as the input --input"),
+    "overlap: convert onto its checkpoints": (["convert", "zero-to-fp32", IN + "/ckpt", IN + "/ckpt", "--overwrite"],
+                                              r"OUT \S+/ckpt is the same path as the input CHECKPOINT_DIR"),
+    "overlap: convert into its checkpoints": (["convert", "zero-to-hf", IN + "/ckpt", IN + "/ckpt/hf"],
+                                              r"OUT_DIR \S+/ckpt/hf lies inside the input CHECKPOINT_DIR"),
+    "overlap: universal onto its checkpoints": (["convert", "zero-to-universal", IN + "/ckpt", IN + "/ckpt",
+                                                 "--overwrite"], r"OUT_DIR \S+/ckpt is the same path as the input"),
+    "overlap: HF weights into the HF folder": (["convert", "hf-to-gptds", IN + "/hf_truncated_weights",
+                                                IN + "/hf_truncated_weights/model.safetensors", "--overwrite"],
+                                               r"OUT \S+/model\.safetensors lies inside the input HF_DIR"),
+    "overlap: checkpoints into the data": (["pretrain", "--data_dir", "{text_data}", "--checkpoint_dir",
+                                            "{text_data}"],
+                                           r"--checkpoint_dir \S+ is the same path as the input --data_dir"),
+    "overlap: a run inside the data": (["pretrain", "--data_dir", "{text_data}", "--log_dir", "{text_data}/run"],
+                                       r"--log_dir \S+/run lies inside the input --data_dir"),
+    # damaged checkpoints
+    "checkpoint: a shard damaged in place": (["convert", "zero-to-fp32", IN + "/ckpt_damaged", OUT],
+                                             r"file shard\.pt does not match its xxh3_128 checksum in meta\.json"),
+    "checkpoint: a meta.json field renamed": (["convert", "zero-to-hf", IN + "/ckpt_renamed", OUT],
+                                              r"meta\.json: field 'model_config' is missing"),
+    "checkpoint: resume from a damaged one": (["pretrain", "--data_dir", "{text_data}", "--resume",
+                                               "--checkpoint_path", IN + "/ckpt_damaged/step_00000001"],
+                                              r"step_00000001: file shard\.pt does not match its xxh3_128 checksum"),
 }
 TRAINING = ("pretrain", "finetune")
 
@@ -258,3 +474,20 @@ def test_a_huge_single_line_is_tokenised_not_refused(tmp_path, capsys):
         assert sum(s["num_tokens"] for s in manifest["shards"]) == expected
         FIGURES["inputs_accepted_correctly"] += 1
     capsys.readouterr()
+
+
+def test_blank_documents_among_good_ones_are_skipped_and_counted(tmp_path, capsys):
+    """Whitespace-only, NUL-only and control-character documents add no tokens (each would be an end token
+    or thousands of tokens of nothing); the good document around them is kept exactly."""
+    records = ["To be, or not to be.", " \n\t ", "\0\0\0", "\x0b\x0c\u200b", "that is the question."]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    FIGURES["inputs_tried"] += 1
+    out = tmp_path / "out"
+    assert main(["prepare", "text", "--input", str(tmp_path / "mixed.jsonl"), "--output_dir", str(out),
+                 "--num_workers", "0", "--val_block_tokens", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    from gptds.tokenizer import encode
+    assert (manifest["documents"], manifest["empty_documents"]) == (2, 3)
+    assert sum(s["num_tokens"] for s in manifest["shards"]) == len(encode(records[0])) + len(encode(records[-1])) + 2
+    assert "skipped 3 documents with empty or blank text" in capsys.readouterr().out
+    FIGURES["inputs_accepted_correctly"] += 1

@@ -131,16 +131,24 @@ def test_kv_cache_generation_equals_recomputing_the_whole_sequence():
     assert torch.equal(cached, ids)
 
 
-def test_generation_slides_past_block_size():
+def test_generation_past_block_size_reencodes_the_last_half_window():
+    """Past block_size the cache is refilled from the last block_size // 2 tokens (learned absolute positions
+    rule out a rolling cache): each token is predicted from the tokens since the last refill, and the work per
+    token stays bounded (forward positions counted) however long the generation."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
     model = GPT(config).eval()
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 12, temperature=0)
-    assert out.shape == (1, 15)
-    ids = torch.zeros(1, 3, dtype=torch.long)  # reference: crop to the last block_size tokens each step
-    for _ in range(12):
-        logits, _ = model(ids[:, -8:])
+    positions = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: positions.append(args[0].size(1)), with_kwargs=True)
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 40, temperature=0)
+    assert out.shape == (1, 43)
+    assert sum(positions) <= 3 + 2 * 40  # the prompt, one position per token, a half window per half window
+    ids, start = torch.zeros(1, 3, dtype=torch.long), 0  # reference: the window the cache holds
+    for _ in range(40):
+        logits, _ = model(ids[:, start:])
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if ids.size(1) - start > 8:
+            start = ids.size(1) - 4
     assert torch.equal(out, ids)
 
 

@@ -9,9 +9,11 @@
   bounded time, the previous checkpoint intact and still the one --auto_resume takes;
 - NaN/inf losses: one bad batch is skipped on every rank (counted, resumable exactly, ZeRO-3 too); K in a row
   stop the run naming step, loss and lr;
-- an unwritable --log_dir/--checkpoint_dir, another ZeRO stage or world size: refused before any work.
-Four launches of tests/dist_runner.py (faults injected by its "fault" hooks); the figures go to
-reliability-report.json (see write_report)."""
+- an unwritable --log_dir/--checkpoint_dir, another ZeRO stage, world size or global batch: refused before any work;
+- checkpoints damaged in place (bytes overwritten inside a shard, zeroed bytes at its start, sizes unchanged):
+  --auto_resume names each one it skips and why, and resumes exactly from the newest intact one.
+Four launches of tests/dist_runner.py (faults injected by its "fault" hooks); bench/reliability.py counts the
+figures (tests/reliability_report.py)."""
 
 import json
 import os
@@ -29,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import free_port
-from reliability_report import write_report
+from reliability_report import figures_fixture
 
 from gptds import checkpoint
 from gptds.__main__ import build_parser, main
@@ -56,10 +58,7 @@ def fault(name: str, **details) -> None:
     FIGURES["faults"].append({"fault": name, **details})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield FIGURES
-    print(f"\nreliability figures: {write_report('faults', FIGURES)}")
+report = figures_fixture("faults", FIGURES)
 
 
 # ---------------------------------------------------------------- launches followed line by line
@@ -218,6 +217,7 @@ def runs(tmp_path_factory, text_data):
     second = Launch([
         spec("nan-once-resumed", "--auto_resume", "--checkpoint_interval", "0"),
         spec("other-zero-stage", "--auto_resume", "--deepspeed_config", str(stage1), log_dir=tmp / "ref"),
+        spec("other-global-batch", "--auto_resume", "--grad_accum_steps", "2", log_dir=tmp / "ref"),
         spec("sigterm", "--checkpoint_interval", "0"),
         spec("sigusr1", "--checkpoint_interval", "0"),
     ], tmp, "second")
@@ -264,9 +264,22 @@ def runs(tmp_path_factory, text_data):
     run["latest_after_meta_kill"] = checkpoint.find_latest(meta_killed)
     run["step_8_after_meta_kill"] = sorted(p.name for p in (meta_killed / "step_00000008").iterdir())
 
+    # Checkpoints damaged where they lie, their sizes unchanged: copies of the reference's steps 2 to 8, with
+    # bytes overwritten inside rank 1's optimizer shard of step 8 and zeroed at the start of rank 0's of step 6
+    damaged = tmp / "damaged" / "checkpoints"
+    shutil.copytree(tmp / "ref" / "checkpoints", damaged, ignore=shutil.ignore_patterns("zero_to_fp32.py"))
+    for tag, rank, offset, data in (("step_00000008", 1, 5000, b"\xab" * 64), ("step_00000006", 0, 0, b"\0" * 4096)):
+        shard = damaged / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        with open(shard, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+    fault("bytes overwritten inside rank 1's optimizer shard of the newest checkpoint, size unchanged")
+    fault("zeroed bytes at the start of rank 0's optimizer shard of the checkpoint before")
+
     # 4: the resumes; then ENOSPC on rank 1 writing its shard of step 4 (last: it ends the launch)
     enospc_argv = spec("enospc", "--checkpoint_interval", "2")["argv"]
     fourth = Launch([
+        spec("damaged-resumed", "--auto_resume", "--checkpoint_interval", "0", log_dir=tmp / "damaged"),
         spec("killed-resumed", "--auto_resume", "--checkpoint_interval", "1", log_dir=tmp / "killed-in-save"),
         spec("killed-in-write-meta", "--auto_resume", "--checkpoint_interval", "0"),
         spec("sigterm-resumed", "--auto_resume", "--checkpoint_interval", "0", log_dir=tmp / "sigterm"),
@@ -292,7 +305,8 @@ def count_figures(run: dict) -> None:
     text3, text4 = run["third_text"], run["fourth_text"]
     reference = run["first"]["ref"]["losses"]
     for resumed, uninterrupted in (("killed-resumed", reference), ("killed-in-write-meta", reference),
-                                   ("sigterm-resumed", reference), ("sigusr1-resumed", reference)):
+                                   ("sigterm-resumed", reference), ("sigusr1-resumed", reference),
+                                   ("damaged-resumed", reference)):
         got = run["fourth"].get(resumed, {}).get("losses")
         FIGURES["runs_resumed_exactly"] += bool(got) and all(uninterrupted[k] == v for k, v in got.items())
     nan_once = run["second"].get("nan-once-resumed", {}).get("losses")
@@ -454,7 +468,39 @@ def test_auto_resuming_on_another_world_size_is_refused_with_the_fix(runs, capsy
     assert len(err.strip().splitlines()) == 1
 
 
+# ---------------------------------------------------------------- damaged checkpoints
+
+def test_auto_resume_skips_checkpoints_damaged_in_place_naming_them_and_resumes_exactly(runs):
+    text = runs["fourth_text"].split("=== scenario damaged-resumed\n", 1)[1].split("=== scenario ", 1)[0]
+    for tag, rank in (("step_00000008", 1), ("step_00000006", 0)):
+        assert f"skipping checkpoint {tag}: " in text and f"file zero_pp_rank_{rank}_mp_rank_00_optim_states.pt does " \
+            f"not match its xxh3_128 checksum" in text, text[-3000:]
+    assert resumed_from(runs["fourth_text"], "damaged-resumed") == 4
+    reference = losses_by_step(runs["first"]["ref"])
+    resumed = losses_by_step(runs["fourth"]["damaged-resumed"])
+    assert resumed == {s: reference[s] for s in range(4, STEPS)}  # bit for bit: not the poisoned state
+    assert checkpoint.is_complete(runs["tmp"] / "damaged" / "checkpoints" / "step_00000008", "full")  # saved anew
+
+
+def test_falling_back_from_an_interrupted_save_says_which_and_why(runs):
+    text = runs["third_text"].split("=== scenario killed-at-random\n", 1)[1]
+    assert re.search(r"^skipping checkpoint step_00000004: .*(no meta\.json|truncated)", text, re.M), text[:3000]
+
+
+def test_a_resume_changing_the_global_batch_is_refused(runs):
+    error = runs["second"]["other-global-batch"]["error"]
+    assert "global batch of --micro_batch_size 2 x --grad_accum_steps 1 x 2 ranks = 4 sequences" in error, error
+    assert "keep --grad_accum_steps 1" in error
+
+
+def test_a_full_disk_is_reported_once_and_no_rank_prints_a_traceback(runs):
+    text = runs["fourth_text"].split("=== scenario enospc\n", 1)[1]
+    assert "Traceback" not in text and "inline_container" not in text and "enforce fail" not in text, text[-4000:]
+    said = [line for line in text.splitlines() if re.match(r"gptds \w+: (error|rank \d+ stopped)", line)]
+    assert len(said) == 1 and said[0].startswith("gptds pretrain: error: cannot write checkpoint "), said
+
+
 def test_no_data_lost(runs):
     """Every fault lost at most the steps since the last checkpoint, and no complete checkpoint was damaged."""
-    assert FIGURES["faults_injected"] >= 10 and FIGURES["runs_resumed_exactly"] == 5
+    assert FIGURES["faults_injected"] >= 10 and FIGURES["runs_resumed_exactly"] == 6
     assert FIGURES["data_lost"] == 0

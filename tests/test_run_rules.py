@@ -4,6 +4,7 @@ defaults and limits, which checkpoint a resume may continue from, and what a mis
 import re
 
 import pytest
+from conftest import FAKE_META, ROOT, fake_checkpoint
 
 from gptds import checkpoint
 from gptds.__main__ import build_parser, main
@@ -30,11 +31,7 @@ def test_a_decay_shorter_than_the_warmup_is_refused():
 
 
 def _fake_checkpoint(checkpoint_dir, step: int):
-    step_dir = checkpoint_dir / checkpoint.step_tag(step)
-    step_dir.mkdir(parents=True)
-    (step_dir / "shard.pt").write_bytes(b"x" * step)
-    checkpoint.write_meta(step_dir, {"step": step})
-    return step_dir
+    return fake_checkpoint(checkpoint_dir, step, b"x" * step)
 
 
 def _run(tmp_path, *flags):
@@ -150,3 +147,55 @@ def test_compile_under_zero3_is_refused_with_the_reason(tmp_path, capsys):
     assert main([*argv, "--compile"]) == 2
     err = capsys.readouterr().err
     assert "--compile does not work under ZeRO-3: DeepSpeed's parameter-gathering hooks break" in err, err
+
+
+# ---------------------------------------------------------------- what a resume may change
+
+def _with(meta: dict, section: str | None = None, **changes) -> dict:
+    """meta with run_config[section] (or meta itself) changed."""
+    if section is None:
+        return {**meta, **changes}
+    run = meta["run_config"]
+    return {**meta, "run_config": {**run, section: {**run[section], **changes}}}
+
+
+@pytest.mark.parametrize("section, changes, expected", [
+    ("train", {"grad_accum_steps": 2}, r"global batch of --micro_batch_size 2 x --grad_accum_steps 1 x 2 ranks = 4 "
+                                       r"sequences per step; this run has .* = 8\. .*keep --grad_accum_steps 1"),
+    ("data", {"micro_batch_size": 4}, r"keep --micro_batch_size 2 \(per rank, at the same world size\)"),
+    ("data", {"context_length": 64}, r"--context_length 32; this run has 64, which changes the sequences"),
+    ("train", {"seed": 6}, r"--seed 5; this run has 6, which changes the data order"),
+    (None, {"precision": "bf16"}, r"was trained in fp32; this run's --deepspeed_config trains in bf16"),
+])
+def test_a_resume_that_changes_what_is_learned_is_refused(tmp_path, section, changes, expected):
+    with pytest.raises(UserError, match=expected):
+        check_resumable(FAKE_META, tmp_path, _with(FAKE_META, section, **changes))
+
+
+def test_a_resume_may_change_the_world_size_through_a_universal_checkpoint_keeping_the_global_batch(tmp_path):
+    universal = {**FAKE_META, "kind": "universal"}  # 2 ranks x micro batch 2
+    check_resumable(universal, tmp_path, _with(_with(FAKE_META, world_size=4), "data", micro_batch_size=1))
+    with pytest.raises(UserError, match="global batch"):
+        check_resumable(universal, tmp_path, _with(FAKE_META, world_size=4))
+
+
+def test_settings_that_may_change_on_resume_do_not_stop_it(tmp_path):
+    now = _with(_with(FAKE_META, "train", lr=1e-4, max_steps=999, eval_interval=7), "data", eval_batches=3)
+    check_resumable(FAKE_META, tmp_path, now)
+
+
+def test_every_training_flag_says_what_a_resume_may_do_with_it_and_the_readme_table_is_that():
+    from gptds.config import MAY_CHANGE, MUST_MATCH, resume_rules, resume_rules_markdown
+    from gptds.session import Session  # noqa: F401 (the training flags are complete once the job modules load)
+    parser = build_parser()
+    flags = {a.option_strings[0] for sub in ("pretrain", "finetune")
+             for a in parser._subparsers._group_actions[0].choices[sub]._actions if a.option_strings
+             and a.option_strings[0].startswith("--") and a.dest not in ("help", "local_rank", "verbose")}
+    rules = {flag: rule for flag, rule, _ in resume_rules()}
+    assert set(rules) == flags and set(rules.values()) == {MAY_CHANGE, MUST_MATCH}
+    for flag in ("--grad_accum_steps", "--micro_batch_size", "--seed", "--model", "--optimizer", "--context_length"):
+        assert rules[flag] == MUST_MATCH, flag
+    for flag in ("--lr", "--max_steps", "--eval_interval", "--checkpoint_interval", "--log_interval"):
+        assert rules[flag] == MAY_CHANGE, flag
+    readme = (ROOT / "README.md").read_text()
+    assert resume_rules_markdown() in readme, "README's table differs from config.resume_rules_markdown()"

@@ -82,3 +82,17 @@ def test_the_readmes_example_outputs_are_ignored_by_git():
     paths = ["data/mycorpus/manifest.json", "out/gpt2-hf/config.json", "runs/pretrain/metrics.jsonl"]
     ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True).stdout
     assert ignored.split() == paths
+
+
+def test_the_readme_reliability_table_is_the_newest_bench_report():
+    """The figures come from bench/reliability.py (which runs the suites and counts), not from a test run."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("reliability_bench", ROOT / "bench" / "reliability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    newest = bench.newest_report()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Reliability"):readme.index("## Benchmarks")]
+    assert f"`bench/results/{newest.name}`" in section, newest.name
+    assert bench.readme_table(json.loads(newest.read_text())) in section

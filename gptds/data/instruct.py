@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptds.errors import UserError
-from gptds.tokenizer import EOT_ID, EOT_TOKEN, encode
+from gptds.tokenizer import EOT_ID, EOT_TOKEN, encode, is_blank
 
 # The `### Input:` section (and the blank line after it) appears only when the context is non-empty.
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
@@ -59,7 +59,10 @@ def record_from_fields(fields: dict, layout: str, location: str) -> InstructReco
                             f"{', '.join(LAYOUTS[layout][r] for r in REQUIRED_ROLES)})")
         if value is not None and not isinstance(value, str):
             raise UserError(f"{location}: field {name!r} must be a string, got {type(value).__name__}")
-        values[role] = (value or "").strip()
+        values[role] = "" if value is None or is_blank(value) else value.strip()
+        if not values[role] and role in REQUIRED_ROLES:  # nothing to learn from (a lone end token), or to ask
+            raise UserError(f"{location}: field {name!r} is empty or blank (a {layout} record needs text in "
+                            f"{' and '.join(LAYOUTS[layout][r] for r in REQUIRED_ROLES)})")
     values["category"] = values.get("category") or NO_CATEGORY
     return InstructRecord(**values)
 

@@ -24,6 +24,7 @@ from gptds.data.shards import (
     MASK_DTYPE,
     SPLITS,
     TOKEN_DTYPE,
+    ShardFile,
     data_sha256,
     load_manifest,
     manifest_sha256,
@@ -52,7 +53,7 @@ class _Loader:
         if not self.shards:
             raise UserError(f"{self.data_dir / MANIFEST_NAME}: the dataset has no {split!r} shards")
         self._orders: dict[int, np.ndarray] = {}  # epoch -> order, for the one or two epochs in use
-        self.reset()
+        self.epoch = self.cursor = 0
 
     @property
     def sequences_per_micro_step(self) -> int:
@@ -63,6 +64,20 @@ class _Loader:
         """Back to the very start of epoch 0 (the trainer does this to the val loader before evaluating)."""
         self.epoch = 0
         self.cursor = 0
+        self.check_files()
+
+    def _files(self) -> list[ShardFile]:
+        return []
+
+    def check_files(self) -> None:
+        """Before a pass over the split: every shard file still has the size the manifest gives it."""
+        for f in self._files():
+            f.check()
+
+    def _advance_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.check_files()
+        self.epoch = epoch
 
     def _order(self, epoch: int, items: np.ndarray) -> np.ndarray:
         """The epoch's order of `items` (shard or record ids): permuted from (seed, epoch) when shuffling,
@@ -144,7 +159,9 @@ class TextLoader(_Loader):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._tokens = [np.memmap(self.data_dir / e["file"], dtype=TOKEN_DTYPE, mode="r") for e in self.shards]
+        manifest_path = self.data_dir / MANIFEST_NAME
+        self._tokens = [ShardFile(self.data_dir / e["file"], TOKEN_DTYPE, e["num_tokens"], manifest_path,
+                                  f"{e['num_tokens']} tokens") for e in self.shards]
         self._sizes = np.array([len(t) for t in self._tokens], dtype=np.int64)
         self.num_tokens = int(self._sizes.sum())
         self.windows_per_epoch = (self.num_tokens - 1) // self.context_length
@@ -155,6 +172,9 @@ class TextLoader(_Loader):
 
     def _epoch_size(self) -> int:
         return self.windows_per_epoch
+
+    def _files(self) -> list[ShardFile]:
+        return self._tokens
 
     def _window(self, epoch: int, index: int) -> np.ndarray:
         """Window `index` of the epoch: tokens [index * T, index * T + T + 1) of its shard stream, (T + 1,)."""
@@ -167,7 +187,7 @@ class TextLoader(_Loader):
         while filled < length:  # at most a few shards: a window can cross shard ends
             shard = self._tokens[order[k]]
             offset = begin + filled - int(starts[k])
-            piece = shard[offset:offset + length - filled]
+            piece = shard.read(offset, length - filled)
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             k += 1
@@ -180,7 +200,7 @@ class TextLoader(_Loader):
             window = self._window(self.epoch + i // self.windows_per_epoch, i % self.windows_per_epoch)
             rows.append((window[:-1], window[1:]))
         end = self.cursor + self.sequences_per_micro_step
-        self.epoch += end // self.windows_per_epoch
+        self._advance_epoch(self.epoch + end // self.windows_per_epoch)
         self.cursor = end % self.windows_per_epoch
         return rows
 
@@ -198,12 +218,17 @@ class InstructLoader(_Loader):
         super().__init__(*args, **kwargs)
         self.kind = self.manifest["kind"]
         self._tokens, self._masks, shard_of, starts, lengths, prompt_lens = [], [], [], [], [], []
+        manifest_path = self.data_dir / MANIFEST_NAME
         for k, entry in enumerate(self.shards):
-            tokens = np.memmap(self.data_dir / entry["file"], dtype=TOKEN_DTYPE, mode="r")
-            index = np.fromfile(self.data_dir / entry["index_file"], dtype=INDEX_DTYPE).reshape(-1, 2)
+            tokens = ShardFile(self.data_dir / entry["file"], TOKEN_DTYPE, entry["num_tokens"], manifest_path,
+                               f"{entry['num_tokens']} tokens")
+            index = ShardFile(self.data_dir / entry["index_file"], INDEX_DTYPE, 2 * entry["num_records"],
+                              manifest_path, f"{entry['num_records']} records").read(0, 2 * entry["num_records"])
+            index = index.reshape(-1, 2)
             self._tokens.append(tokens)
             if "mask_file" in entry:
-                self._masks.append(np.memmap(self.data_dir / entry["mask_file"], dtype=MASK_DTYPE, mode="r"))
+                self._masks.append(ShardFile(self.data_dir / entry["mask_file"], MASK_DTYPE, entry["num_tokens"],
+                                             manifest_path, f"a mask byte for each of {entry['num_tokens']} tokens"))
             shard_of.append(np.full(len(index), k, dtype=np.int64))
             starts.append(index[:, 0])
             lengths.append(np.diff(np.append(index[:, 0], len(tokens))))  # a record ends where the next starts
@@ -223,6 +248,9 @@ class InstructLoader(_Loader):
 
     def _epoch_size(self) -> int:
         return self.num_records
+
+    def _files(self) -> list[ShardFile]:
+        return self._tokens + self._masks
 
     def rows_per_epoch(self) -> int:
         """Packed rows in one pass (epoch 0's order; other epochs differ by a few rows at most)."""
@@ -246,7 +274,8 @@ class InstructLoader(_Loader):
                 self.cursor += 1
             rows.append(row)
             if self.cursor == self.num_records:
-                self.epoch, self.cursor = self.epoch + 1, 0
+                self._advance_epoch(self.epoch + 1)
+                self.cursor = 0
         return rows
 
     def _rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -255,10 +284,9 @@ class InstructLoader(_Loader):
         for row in rows[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]:
             records = []
             for j in row:
-                start, shard = int(self._starts[j]), self._shard_of[j]
-                span = slice(start, start + self._lengths[j])
-                targets = self._masks[shard][span] if self._masks else int(self._prompt_lens[j])
-                records.append((self._tokens[shard][span], targets))
+                start, shard, length = int(self._starts[j]), self._shard_of[j], int(self._lengths[j])
+                targets = self._masks[shard].read(start, length) if self._masks else int(self._prompt_lens[j])
+                records.append((self._tokens[shard].read(start, length), targets))
             out.append(row_to_xy(*pack_row(records, self.context_length + 1)))
         return out
 
@@ -276,7 +304,13 @@ def build_loader(data_dir, split: str, micro_batch_size: int, context_length: in
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not allowed: 0 <= rank < world_size ({world_size})")
     cls = TextLoader if manifest["kind"] == "text" else InstructLoader  # instruct and chat
-    return cls(Path(data_dir), manifest, split, micro_batch_size, context_length, rank, world_size, seed, shuffle)
+    loader = cls(Path(data_dir), manifest, split, micro_batch_size, context_length, rank, world_size, seed, shuffle)
+    rows = loader.rows_per_epoch()
+    if rows < loader.sequences_per_micro_step:  # each step would read the same sequences several times over
+        raise UserError(f"{data_dir}: the {split} split holds {rows} sequences of {context_length + 1} tokens, fewer "
+                        f"than one micro step takes ({micro_batch_size} per rank x {world_size} rank(s) = "
+                        f"{loader.sequences_per_micro_step}); lower --micro_batch_size (-B) or prepare more data")
+    return loader
 
 
 class DeviceBatches:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptds.config import flag, require
+from gptds.config import check_flags, flag, require
 from gptds.data.chat import (
     CHAT_FORMAT,
     CHAT_LAYOUTS,
@@ -53,6 +53,7 @@ from gptds.staging import staged_dir
 from gptds.tokenizer import CHAT_VOCAB_SIZE, EOT_ID, VOCAB_SIZE
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+MAX_WORKERS = 256
 INSTRUCT_FORMATS = ("auto", "dolly", "alpaca")
 RECORDS_PER_JOB = 256  # instruction records per work item (~250 KB of text for Dolly)
 
@@ -72,11 +73,13 @@ class PrepareTextConfig:
     val_fraction: float = flag(0.01, "share of the token stream for validation: every round(1/val_fraction)-th "
                                      "block, starting with block 0")
     val_block_tokens: int = flag(4096, "the train/val split cuts the token stream into blocks of this many tokens")
-    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)")
+    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)",
+                             limits=(0, MAX_WORKERS))
     skip_bad: bool = flag(False, "skip (and count) malformed records instead of stopping at the first")
     overwrite: bool = flag(False, "replace a non-empty --output_dir")
 
     def __post_init__(self):
+        check_flags(self, "prepare_text")
         _check_source(self, "prepare_text")
         require(bool(self.text_field), "prepare_text", "text_field", self.text_field, "a field name")
         _check_common(self, "prepare_text")
@@ -101,11 +104,13 @@ class PrepareDollyConfig:
                                      "response, records whose prompt alone is longer are dropped")
     shard_size: int = flag(10_000_000, "tokens per shard file (records are not split across shards)")
     val_fraction: float = flag(0.05, "share of records for validation, chosen by a hash of each record's text")
-    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)")
+    num_workers: int = flag(DEFAULT_WORKERS, "tokeniser processes (0: tokenise in this process)",
+                             limits=(0, MAX_WORKERS))
     skip_bad: bool = flag(False, "skip (and count) malformed records instead of stopping at the first")
     overwrite: bool = flag(False, "replace a non-empty --output_dir")
 
     def __post_init__(self):
+        check_flags(self, "prepare_dolly")
         _check_source(self, "prepare_dolly")
         require(self.format in INSTRUCT_FORMATS, "prepare_dolly", "format", self.format, ", ".join(INSTRUCT_FORMATS))
         require(self.context_length > 0, "prepare_dolly", "context_length", self.context_length, "a positive integer")
@@ -135,6 +140,7 @@ class PrepareChatConfig:
     overwrite: bool = flag(False, "replace a non-empty --output_dir")
 
     def __post_init__(self):
+        check_flags(self, "prepare_chat")
         _check_source(self, "prepare_chat")
         require(self.format in CHAT_LAYOUTS, "prepare_chat", "format", self.format, ", ".join(CHAT_LAYOUTS))
         require(self.context_length > 0, "prepare_chat", "context_length", self.context_length, "a positive integer")
@@ -179,6 +185,13 @@ def _source(cfg, files: list[Path] | None) -> dict:
         return {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split,
                 "streaming": cfg.streaming}
     return {"inputs": list(cfg.input), "files": [str(p) for p in files]}
+
+
+def _inputs(cfg) -> list[tuple[str, str]]:
+    """What prepare reads, which --output_dir may not overlap: the --input paths, or a local --dataset folder."""
+    if cfg.input:
+        return [("--input", p) for p in cfg.input]
+    return [("--dataset", cfg.dataset)] if Path(cfg.dataset).exists() else []
 
 
 def _manifest_head(kind: str) -> dict:
@@ -228,7 +241,7 @@ def prepare_text(cfg: PrepareTextConfig) -> Path:
     val_every = round(1 / cfg.val_fraction)  # blocks; the realised val share is 1 / val_every
     start = time.perf_counter()
     documents = chars = position = 0
-    with staged_dir(output_dir, cfg.overwrite, "--output_dir") as staging:
+    with staged_dir(output_dir, cfg.overwrite, "--output_dir", _inputs(cfg)) as staging:
         writers = {split: ShardWriter(staging, split, cfg.shard_size) for split in SPLITS}
         with _progress(" docs") as bar:
             for tokens, n_documents, n_chars in map_in_order(tokenize_pieces, batch_pieces(pieces), cfg.num_workers):
@@ -264,7 +277,7 @@ def prepare_text(cfg: PrepareTextConfig) -> Path:
 
 def _print_skipped(report: ReadReport) -> None:
     if report.empty_documents:
-        print(f"skipped {report.empty_documents} documents with empty text")
+        print(f"skipped {report.empty_documents} documents with empty or blank text")
     if report.skipped_bad:
         print(f"skipped {report.skipped_bad} bad records (--skip_bad), e.g.:")
         for message in report.bad_examples:
@@ -343,7 +356,7 @@ def _prepare_records(cfg, what: RecordKind) -> Path:
     status = Counter()  # ok / cut / truncated / dropped
     categories = {split: Counter() for split in SPLITS}
     start = time.perf_counter()
-    with staged_dir(output_dir, cfg.overwrite, "--output_dir") as staging:
+    with staged_dir(output_dir, cfg.overwrite, "--output_dir", _inputs(cfg)) as staging:
         writers = {split: ShardWriter(staging, split, cfg.shard_size, with_index=True, with_mask=what.with_mask)
                    for split in SPLITS}
         with _progress(f" {what.noun}") as bar:

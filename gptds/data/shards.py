@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptds.errors import UserError
+from gptds.errors import UserError, parse_json
+from gptds.staging import recover
 
 FORMAT = "gptds-shards"
 VERSION = 1
@@ -130,13 +131,45 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_size(path: Path, expected_bytes: int, what: str, manifest_path: Path) -> None:
-    if not path.is_file():
+def _check_size(path: Path, expected_bytes: int, what: str, manifest_path: Path, size: int | None = None) -> None:
+    if size is None and not path.is_file():
         raise UserError(f"{path}: listed in {manifest_path} but missing; prepare the data again with {PREPARE_HINT}")
-    size = path.stat().st_size
+    size = path.stat().st_size if size is None else size
     if size != expected_bytes:
         raise UserError(f"{path}: {size} bytes, but {manifest_path} says {what} ({expected_bytes} bytes): "
                         f"the file was truncated or changed; prepare the data again with {PREPARE_HINT}")
+
+
+class ShardFile:
+    """A token shard (or index) as the loaders read it: with pread, at most a window at a time. Its size is
+    checked against the manifest when opened, before each pass over the data (check) and whenever a read
+    comes back short, so a file truncated in place under a running job is a UserError naming it; a memory
+    map of it would kill the process with SIGBUS and print nothing."""
+
+    def __init__(self, path: Path, dtype: np.dtype, count: int, manifest_path: Path, what: str):
+        self.path, self.dtype, self.count, self.manifest_path, self.what = Path(path), dtype, count, manifest_path, what
+        _check_size(self.path, count * dtype.itemsize, what, manifest_path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def check(self) -> None:
+        size = os.fstat(self.fd).st_size
+        _check_size(self.path, self.count * self.dtype.itemsize, self.what, self.manifest_path, size)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Items [start, start + count) (clipped to the shard's end), as a (count,) array."""
+        count = max(0, min(count, self.count - start))
+        data = os.pread(self.fd, count * self.dtype.itemsize, start * self.dtype.itemsize)
+        if len(data) != count * self.dtype.itemsize:
+            self.check()  # shrank since it was opened: a UserError naming it
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def load_manifest(data_dir) -> dict:
@@ -144,13 +177,15 @@ def load_manifest(data_dir) -> dict:
     lists (hashes are not recomputed here: see verify_shards). UserError naming the folder or file."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        recover(data_dir)  # a `prepare --overwrite` killed between its two renames: its previous output
+    if not data_dir.is_dir():
         raise UserError(f"data folder {data_dir} does not exist; prepare one with {PREPARE_HINT}")
     path = data_dir / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{data_dir} has no {MANIFEST_NAME}: it is not a prepared dataset; "
                         f"prepare one with {PREPARE_HINT}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = parse_json(path.read_text(), str(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); prepare the data again with {PREPARE_HINT}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -4,6 +4,7 @@ bad input is reported where it is. Also the work a tokeniser process does on a b
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import unicodedata
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptds.errors import UserError
-from gptds.tokenizer import EOT_ID, encode
+from gptds.errors import UserError, parse_json
+from gptds.tokenizer import EOT_ID, encode, is_blank
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -28,7 +29,8 @@ Piece = tuple[str, bool]  # (text, ends_document): an EOT token follows the text
 @dataclass
 class ReadReport:
     """What reading skipped: bad records (only with --skip_bad; otherwise the first one is a UserError)
-    and documents with empty text (an empty document would be a lone EOT token)."""
+    and documents with empty or blank text (tokenizer.is_blank: whitespace, NULs, control characters only),
+    which would be a lone EOT token or thousands of tokens of nothing."""
     skip_bad: bool = False
     skipped_bad: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -90,9 +92,12 @@ def iter_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line, location, record=True)
             except json.JSONDecodeError as e:
                 report.bad(f"{location}: malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}")
+                continue
+            except UserError as e:  # nested too deeply, a repeated key
+                report.bad(str(e))
                 continue
             if not isinstance(record, dict):
                 report.bad(f"{location}: expected a JSON object, got {type(record).__name__}")
@@ -104,7 +109,6 @@ def iter_json_array(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]
     """A .json file holding one array of objects. The file is read into memory whole (JSON has no
     record boundaries to stream by); use JSONL or parquet for corpora larger than RAM."""
     text = _decode(path.read_bytes(), str(path), 0)
-    decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
     pos = ws.match(text, 0).end()
     if not text.startswith("[", pos):
@@ -115,7 +119,7 @@ def iter_json_array(path: Path, report: ReadReport) -> Iterator[tuple[dict, str]
         lineno += text.count("\n", counted_to, pos)
         counted_to = pos
         try:
-            record, pos = decoder.raw_decode(text, pos)
+            record, pos = parse_json(text, f"{path}:{lineno}", pos, record=True)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}") \
                 from None
@@ -274,6 +278,9 @@ def _word_char(ch: str | None) -> bool:
 def iter_text_file(path: Path, report: ReadReport, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Piece]:
     """A whole .txt file is one document, streamed in pieces of about chunk_bytes cut where find_cut
     allows, so memory stays flat for any file size and the tokens equal those of the whole file."""
+    if not _has_visible_text(path, chunk_bytes):
+        report.empty_documents += 1
+        return
     buf = bytearray()
     offset = 0  # file byte offset of buf[0]
     with open(path, "rb") as f:
@@ -281,9 +288,6 @@ def iter_text_file(path: Path, report: ReadReport, chunk_bytes: int = CHUNK_BYTE
             data = f.read(chunk_bytes)
             buf += data
             if not data:
-                if offset == 0 and not buf:
-                    report.empty_documents += 1
-                    return
                 yield _decode(bytes(buf), str(path), offset), True
                 return
             if len(buf) < chunk_bytes:
@@ -294,6 +298,17 @@ def iter_text_file(path: Path, report: ReadReport, chunk_bytes: int = CHUNK_BYTE
                 yield _decode(bytes(buf[:p]), str(path), offset), False
                 del buf[:p]
                 offset += p
+
+
+def _has_visible_text(path: Path, chunk_bytes: int) -> bool:
+    """Whether a file holds any visible character; reads only up to the first one (the first chunk, for
+    ordinary text). Bytes that are not UTF-8 count as visible: reading the document reports them."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            if not is_blank(utf8.decode(data)):
+                return True
+    return not is_blank(utf8.decode(b"", final=True))
 
 
 def iter_record_texts(records: Iterable[tuple[dict, str]], text_field: str, report: ReadReport) -> Iterator[Piece]:
@@ -307,7 +322,7 @@ def iter_record_texts(records: Iterable[tuple[dict, str]], text_field: str, repo
         if not isinstance(text, str):
             report.bad(f"{location}: field {text_field!r} must be a string, got {type(text).__name__}")
             continue
-        if not text:
+        if is_blank(text):
             report.empty_documents += 1
             continue
         yield text, True
