@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gptds.errors import UserError
+from gptds.lora import check_targets
 from gptds.model import PRESETS
 
 OPTIMIZERS = ("adamw8bit", "adamw")
@@ -237,13 +238,41 @@ class CheckpointConfig:
             raise UserError("--resume and --auto_resume are exclusive: pick the explicit path or the newest checkpoint")
 
 
-RUN_SECTIONS = ("data", "train", "checkpoint")  # RunConfig's fields holding the flags, in --help order
+@dataclass
+class AdapterConfig:
+    lora_rank: int = flag(0, "LoRA: train rank-R adapters on a frozen base instead of every weight (0: off; needs "
+                             "--pretrained_checkpoint)", resume=(MUST_MATCH, "the adapters' shapes"))
+    lora_alpha: float | None = flag(None, "LoRA scaling numerator: the adapters add (alpha / rank) * B @ A "
+                                          "(omitted: 2 x rank)", resume=(MUST_MATCH, "what the adapters add"))
+    lora_dropout: float = flag(0.0, "dropout on the adapters' input", resume=(MUST_MATCH, "the adapters' training"))
+    lora_targets: str = flag("c_attn,c_proj,c_fc", "comma-separated layers that get adapters: c_attn, c_proj, c_fc",
+                             resume=(MUST_MATCH, "which adapters exist (in the checkpoint)"))
+    lora_base_bits: int | None = flag(None, "4: QLoRA, the frozen base's target layers stored in 4 bits (NF4, "
+                                            "bitsandbytes); omitted: the base as trained",
+                                      resume=(MUST_MATCH, "the base the adapters train on"))
+
+    def __post_init__(self):
+        check_flags(self, "lora")
+        require(self.lora_rank >= 0, "lora", "lora_rank", self.lora_rank, "0 (off) or a positive integer")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        require(self.lora_alpha > 0 or self.lora_rank == 0, "lora", "lora_alpha", self.lora_alpha, "a positive number")
+        require(0.0 <= self.lora_dropout < 1.0, "lora", "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        require(self.lora_base_bits in (None, 4), "lora", "lora_base_bits", self.lora_base_bits, "4, or omitted")
+        require(self.lora_base_bits is None or self.lora_rank > 0, "lora", "lora_base_bits", self.lora_base_bits,
+                "only with --lora_rank (QLoRA trains adapters on the 4-bit base)")
+        if self.lora_rank:
+            check_targets(self.targets)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
 def resume_rules() -> list[tuple[str, str, str]]:
     """(flag, MAY_CHANGE or MUST_MATCH, why) for every training flag, in --help order."""
     rules = []
-    for cls in (DataConfig, TrainConfig, CheckpointConfig):
+    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig):
         for f in dataclasses.fields(cls):
             if f.metadata.get("resume") is None:
                 raise ValueError(f"--{f.name} ({cls.__name__}): say what a resume may do with it: "
@@ -332,6 +361,7 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -397,10 +427,10 @@ def from_flags(cls, args: argparse.Namespace):
 
 
 def add_run_flags(parser: argparse.ArgumentParser, job: str) -> None:
-    for cls in (DataConfig, TrainConfig, CheckpointConfig):
+    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig):
         add_flags(parser, cls, JOB_DEFAULTS[job])
 
 
 def run_config_from_flags(job: str, args: argparse.Namespace) -> RunConfig:
     return RunConfig(job=job, data=from_flags(DataConfig, args), train=from_flags(TrainConfig, args),
-                     checkpoint=from_flags(CheckpointConfig, args))
+                     checkpoint=from_flags(CheckpointConfig, args), lora=from_flags(AdapterConfig, args))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, engine
+from gptds import checkpoint, engine, lora
 from gptds.config import check_flags, flag, require
 from gptds.errors import UserError
 from gptds.model import GPTConfig
@@ -65,6 +65,9 @@ class ZeroToHfConfig:
     tag: str | None = flag(None, TAG_HELP)
     max_shard_mb: float = flag(DEFAULT_MAX_SHARD_BYTES // 2**20, SHARD_HELP)
     overwrite: bool = flag(False, "replace a non-empty OUT_DIR")
+    lora_export: str = flag("merged", "a LoRA checkpoint as a plain GPT-2 folder with the adapters merged in, or as "
+                                      "a PEFT adapter folder (`adapters`) for the Hugging Face export of its base",
+                            choices=("merged", "adapters"))
 
     def __post_init__(self):
         check_flags(self, "convert")
@@ -191,12 +194,30 @@ def zero_to_hf(cfg: ZeroToHfConfig) -> Path:
     step_dir = step_dir_of(cfg.checkpoint_dir, cfg.tag)
     check_no_overlap([("OUT_DIR", out_dir)], inputs)
     check_output(out_dir, cfg.overwrite, "OUT_DIR")
+    if cfg.lora_export == "adapters":
+        return lora_adapters_to_peft(step_dir, out_dir, cfg.overwrite, inputs)
     config, meta, lazy = zero_checkpoint_tensors(step_dir)
     _announce(step_dir, config, torch.float32, max_shard_bytes)
     with staged_dir(out_dir, cfg.overwrite, "OUT_DIR", inputs) as staging:
         save_hf_directory(config, checked_tensors(config, lazy, source=str(step_dir), progress=True), staging,
                           model_card=model_card(meta, step_dir), max_shard_bytes=max_shard_bytes)
     print(f"wrote Hugging Face GPT-2 folder {out_dir}")
+    return out_dir
+
+
+def lora_adapters_to_peft(step_dir: Path, out_dir: Path, overwrite: bool, inputs: list) -> Path:
+    """A LoRA checkpoint's adapters as a PEFT adapter folder (PeftModel.from_pretrained on the base's Hugging
+    Face export; when chat tokens were added, after `model.resize_token_embeddings(50259)`)."""
+    meta = checkpoint.verify(step_dir)
+    if not meta.get("lora"):
+        raise UserError(f"{step_dir} is not a LoRA checkpoint: --lora_export adapters needs one (trained with "
+                        f"--lora_rank); export it whole with zero-to-hf")
+    lazy = engine.lazy_zero_state_dict(step_dir)
+    adapters = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in lazy.items()}
+    inputs = [*inputs, ("the LoRA base", meta["lora"]["base"]["path"])]
+    with staged_dir(out_dir, overwrite, "OUT_DIR", inputs) as staging:
+        lora.write_adapter_folder(adapters, meta["lora"], staging, meta["lora"]["base"]["path"])
+    print(f"wrote PEFT adapter folder {out_dir} (base: {meta['lora']['base']['path']})")
     return out_dir
 
 

@@ -325,6 +325,33 @@ def writing_files_through(engine, open_file):
     return patched()
 
 
+def excluding_every_name_of_frozen_parameters(engine):
+    """A context for engine.save_checkpoint(exclude_frozen_parameters=True) that drops a frozen parameter from
+    the saved module state under every name it has. DeepSpeed deletes the names named_parameters() gives,
+    which reports a shared tensor once: a tied frozen embedding (LoRA on GPT-2, whose output layer shares the
+    token embedding) stays in the file under its second name, a full copy of the base's largest matrix.
+    Checked on CHECKED_ON; tests: tests/test_lora.py (the checkpoint holds no base weight)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def patched():
+        original = engine.module_state_dict
+
+        def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+            sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+            if exclude_frozen_parameters and sd is not None:
+                for name, p in engine.module.named_parameters(remove_duplicate=False):
+                    if not p.requires_grad:
+                        sd.pop(name, None)
+            return sd
+        engine.module_state_dict = module_state_dict
+        try:
+            yield
+        finally:
+            del engine.module_state_dict
+    return patched()
+
+
 # ---------------------------------------------------------------- loading
 
 def restore_after_load(engine, hyperparameters: list[dict]) -> None:

@@ -224,9 +224,16 @@ def save(engine, checkpoint_dir: Path, tag: str, client_state: dict, open_file) 
     # Marks the checkpoint as convertible by ds_to_universal (Megatron-DeepSpeed writes the same).
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    with workarounds.writing_files_through(engine, open_file) as written:
-        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    with workarounds.writing_files_through(engine, open_file) as written, \
+            workarounds.excluding_every_name_of_frozen_parameters(engine):
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=has_frozen_parameters(engine))
     return written
+
+
+def has_frozen_parameters(engine) -> bool:
+    """A frozen base (LoRA): checkpoints then hold only what trains; the base is loaded from its own file."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def load(engine, step_dir: Path) -> dict:
@@ -234,7 +241,8 @@ def load(engine, step_dir: Path) -> dict:
     to universal); returns the client state."""
     hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     load_path, client_state = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
-                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+                                                     load_optimizer_states=True, load_lr_scheduler_states=False,
+                                                     load_module_strict=not has_frozen_parameters(engine))
     if load_path is None:
         raise UserError(f"{step_dir}: DeepSpeed could not load this checkpoint")
     workarounds.restore_after_load(engine, hyperparameters)

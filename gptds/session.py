@@ -17,11 +17,13 @@ from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data,
 from gptds.errors import UserError
 from gptds.jobs import JOBS, sample_prompts
 from gptds.locks import FolderLock
+from gptds.lora import apply as lora_apply
+from gptds.lora import weights_sha256
 from gptds.metrics import check_wandb_installed, flops_per_token, new_wandb_run_id, peak_flops
 from gptds.model import GPT, GPTConfig, attention_backend, compile_blocks
 from gptds.staging import check_no_overlap, check_writable
 from gptds.tokenizer import CHAT_VOCAB_SIZE
-from gptds.weights import load_model, read_config
+from gptds.weights import load_weights, model_from_state_dict, read_config
 
 
 @dataclass
@@ -150,6 +152,61 @@ def prepare_demo_data(run: RunConfig) -> Path:
     return out
 
 
+def build_model(run: RunConfig, model_config: GPTConfig, resume_dir: Path | None,
+                resume_meta: dict | None) -> tuple[GPT, dict | None]:
+    """The model the engine trains: fresh, the pretrained weights, or (LoRA) a frozen base with adapters; the
+    base is loaded on resume too, since a LoRA checkpoint holds only what trains. Returns it and, for LoRA,
+    the record of its adapters and base for meta.json."""
+    ck, lora = run.checkpoint, run.lora
+    base_path = ck.pretrained_checkpoint
+    if lora.lora_rank and resume_meta and resume_meta.get("lora"):
+        base_path = resume_meta["lora"]["base"]["path"]  # where the run's base came from
+    if lora.lora_rank and not base_path:
+        raise UserError("--lora_rank trains adapters on a frozen base: give the base with --pretrained_checkpoint")
+    if not base_path or (resume_dir is not None and not lora.lora_rank):
+        if run.job == "finetune" and resume_dir is None:
+            dist.print0("WARNING: fine-tuning from RANDOM weights: no --pretrained_checkpoint was given. "
+                        "Pass a pretraining checkpoint, weights file or Hugging Face GPT-2 folder.")
+        return GPT(model_config), None  # a fresh model, or one whose weights the checkpoint restores
+    base_config, base_weights = load_weights(base_path)
+    model = model_from_state_dict(model_config, base_weights, base_config.vocab_size)
+    dist.print0(f"initialised from pretrained weights {base_path}")
+    if not lora.lora_rank:
+        return model, None
+    new_tokens = list(range(base_config.vocab_size, model_config.vocab_size))
+    lora_apply(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.targets, new_tokens,
+               lora.lora_base_bits)
+    record = {"rank": lora.lora_rank, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+              "targets": lora.targets, "base_bits": lora.lora_base_bits, "new_token_ids": new_tokens,
+              "base": {"path": str(Path(base_path).absolute()), "sha256": weights_sha256(base_weights)}}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dist.print0(f"LoRA rank {lora.lora_rank} on {', '.join(lora.targets)}"
+                + (" (base in 4 bits)" if lora.lora_base_bits else "")
+                + (f", {len(new_tokens)} new token rows" if new_tokens else "")
+                + f": {trainable:,} trainable parameters, the base frozen")
+    return model, record
+
+
+def check_same_lora(saved: dict, step_dir: Path, now: dict | None) -> None:
+    """A LoRA run resumes with the same adapters on the same base (its content, wherever it now lies), and a
+    run without adapters does not resume a LoRA checkpoint (or the reverse)."""
+    before = saved.get("lora") or {}
+    if not before and not now:
+        return
+    if not now:
+        raise UserError(f"{step_dir} holds LoRA adapters (rank {before.get('rank')} on "
+                        f"{', '.join(before.get('targets', []))}), not a whole model; resume with the same --lora_* "
+                        f"flags")
+    differs = [k for k in ("rank", "alpha", "dropout", "targets", "base_bits", "new_token_ids")
+               if before.get(k) != now.get(k)]
+    if differs:
+        raise UserError(f"{step_dir} was trained with other LoRA settings ({', '.join(differs)}: "
+                        f"{ {k: before.get(k) for k in differs} }); resume with the same --lora_* flags")
+    if before.get("base", {}).get("sha256") != now["base"]["sha256"]:
+        raise UserError(f"{step_dir}: its adapters belong to a base whose weights have another checksum than "
+                        f"{now['base']['path']}; resume on the base it was trained on")
+
+
 def set_up(run: RunConfig) -> Session:
     """Check flags, DeepSpeed config, data and any checkpoint to resume before any work; take the run's
     folders (one run per folder); then build the model, the engine and the loaders, and load the checkpoint."""
@@ -212,6 +269,11 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
     resume_meta = checkpoint.verify(resume_dir, "sizes") if resume_dir else None
     model_config, model_source = model_config_for(run, resume_meta)
     use_compile = compile_wanted(run, info.device, engine.zero_stage(ds_config))
+    if run.lora.lora_base_bits and engine.zero_stage(ds_config) == 3:
+        raise UserError("--lora_base_bits 4 does not work under ZeRO-3: ZeRO-3 flattens and partitions every "
+                        "parameter across the ranks, and bitsandbytes' packed 4-bit weights (with their "
+                        "quantisation state) cannot be split and gathered that way; use ZeRO-1 or ZeRO-2, where "
+                        "the frozen 4-bit base stays whole on each rank and only the adapters are partitioned")
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
@@ -255,13 +317,11 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
 
     # The model: identical initial weights on every rank (same seed), then DeepSpeed partitions them.
     torch.manual_seed(cfg.seed)
-    model = GPT(model_config)
-    if ck.pretrained_checkpoint and resume_dir is None:
-        model = load_model(ck.pretrained_checkpoint, model_config.pad_vocab_to_multiple_of, model_config.vocab_size)
-        dist.print0(f"initialised from pretrained weights {ck.pretrained_checkpoint}")
-    elif run.job == "finetune" and resume_dir is None:
-        dist.print0("WARNING: fine-tuning from RANDOM weights: no --pretrained_checkpoint was given. "
-                    "Pass a pretraining checkpoint, weights file or Hugging Face GPT-2 folder.")
+    model, lora_record = build_model(run, model_config, resume_dir, resume_meta)
+    if lora_record:
+        meta["lora"] = lora_record
+    if resume_meta:
+        check_same_lora(resume_meta, resume_dir, lora_record)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.to(info.device)
     if use_compile:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from gptds import checkpoint, engine
+from gptds import checkpoint, engine, lora
 from gptds.data.chat import CHAT_TEMPLATE, chat_format_of
 from gptds.errors import UserError, parse_json, read_json_object
 from gptds.model import GPT, GPTConfig
@@ -352,12 +352,35 @@ def checked_tensors(config: GPTConfig, lazy: dict, dtype: torch.dtype = torch.fl
 
 def zero_checkpoint_tensors(step_dir: Path) -> tuple[GPTConfig, dict, dict]:
     """Config, meta and a name -> lazy tensor map of a verified ZeRO training checkpoint; the rank files
-    are memory-mapped and a tensor is assembled only when checked_tensors asks for it."""
+    are memory-mapped and a tensor is assembled only when checked_tensors asks for it. A LoRA checkpoint's
+    adapters come merged into its base (read from the base's own file, checked against its checksum)."""
     meta = checkpoint.verify(step_dir)
     if meta.get("kind") == "universal":
         raise WeightsError(f"{step_dir} is a universal checkpoint: resume from it (--resume --checkpoint_path), "
                            f"or export the ZeRO checkpoint it was converted from ({meta.get('source_checkpoint')})")
-    return GPTConfig.from_dict(meta["model_config"]), meta, engine.lazy_zero_state_dict(step_dir)
+    config, lazy = GPTConfig.from_dict(meta["model_config"]), engine.lazy_zero_state_dict(step_dir)
+    if meta.get("lora"):
+        return config, meta, merged_lora_weights(step_dir, meta, config, lazy)
+    return config, meta, lazy
+
+
+def lora_base_weights(step_dir: Path, meta: dict, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The base a LoRA checkpoint was trained on, checked against its recorded checksum, its embedding grown
+    and padded as the checkpoint's model (without adapters)."""
+    base = meta["lora"]["base"]
+    try:
+        base_config, weights = load_weights(base["path"])
+    except UserError as e:
+        raise WeightsError(f"{step_dir} holds LoRA adapters; its base {base['path']} cannot be read ({e})") from None
+    if lora.weights_sha256(weights) != base["sha256"]:
+        raise WeightsError(f"{step_dir} holds LoRA adapters for a base whose weights changed since: {base['path']} "
+                           f"has another checksum than the one recorded in meta.json")
+    return state_dict_for_saving(model_from_state_dict(config, weights, base_config.vocab_size))
+
+
+def merged_lora_weights(step_dir: Path, meta: dict, config: GPTConfig, lazy: dict) -> dict[str, torch.Tensor]:
+    adapters = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in lazy.items()}
+    return lora.merged_state_dict(lora_base_weights(step_dir, meta, config), adapters, meta["lora"])
 
 
 def load_checkpoint_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
