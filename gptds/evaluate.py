@@ -271,7 +271,7 @@ def generation_metrics(model: torch.nn.Module, task: tasks.Task, block_size: int
     per_rank = math.ceil(len(task.items) / info.world_size)  # equal on every rank: same number of batches
     generator = torch.Generator(device=device).manual_seed(seed + info.rank)
 
-    def answers(repeat: int, temp: float) -> list[str]:
+    def answers(repeat: int, temp: float, progress: Progress | None) -> list[str]:
         rows = [p for p in prompts for _ in range(repeat)]
         texts = []
         for start in range(0, per_rank * repeat, gen_batch_size):
@@ -280,14 +280,16 @@ def generation_metrics(model: torch.nn.Module, task: tasks.Task, block_size: int
                                  stop_tokens=fmt.stop_tokens, stop_strings=fmt.stop_strings, device=device)
             texts += [tasks.cut_at_stop(decode(t), fmt.stop_strings) for t in out]
             if progress:
-                progress.update(min(len(texts) // repeat, len(mine)) * info.world_size - progress.n)
+                progress.update(min(min(len(texts) // repeat, len(mine)) * info.world_size, progress.total)
+                                - progress.n)
         return texts
 
-    greedy = answers(1, 0.0)
+    greedy = answers(1, 0.0, progress)
     results = [(i, tasks.is_correct(g, task.items[i].reference), tasks.is_correct(g, task.items[i].reference, True))
                for i, g in zip(mine, greedy)]
     if num_samples:
-        sampled = answers(num_samples, temperature)
+        sampled = answers(num_samples, temperature, progress and Progress(
+            progress.total, f"{task.name} pass@{num_samples}", "items", progress.enabled, progress.write))
         results = [(*r, sum(tasks.is_correct(a, task.items[r[0]].reference)
                             for a in sampled[j * num_samples:(j + 1) * num_samples])) for j, r in enumerate(results)]
     merged = [r for part in dist.all_gather_object(results) for r in part]

@@ -337,7 +337,8 @@ def test_evaluate_prints_one_json_object_with_every_task(hf_dir, text_data, tmp_
                 "mmlu_abstract_algebra_acc", "gsm8k_pass@1", "gsm8k_pass@1_strict", "gsm8k_pass@2"):
         assert key in result, key
     assert result["arc_easy_n"] == 2 and result["mmlu_n"] == 114 and 0 < result["bpb"] < 20
-    assert "items/s" in proc.stderr and "gsm8k: 2 items in" in proc.stderr
+    assert "items/s" in proc.stderr and proc.stderr.count("gsm8k: 2/2 items") == 1, proc.stderr
+    assert proc.stderr.count("gsm8k pass@2: 2/2 items") == 1, proc.stderr
     old = gptds_cli("evaluate", "--checkpoint", str(hf_dir), "--hellaswag_file",
                     str(ASSETS_DIR / "hellaswag_sample.jsonl"), "--hellaswag_limit", "3")
     assert set(json.loads(old.stdout)) == {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_acc_norm_token",

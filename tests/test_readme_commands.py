@@ -5,7 +5,8 @@ deepspeed nor make command nor exempt fails this test until it is handled.
 The commands run in README order, in one temporary folder (so that `runs/`, `data/` and `out/` are the
 README's relative paths and later commands use what earlier ones wrote), changed only by these rules:
 1. The example inputs exist under the README's names: `my_corpus/` holds the bundled tiny Shakespeare,
-   `databricks-dolly-15k.jsonl`, `conversations.jsonl` and `hellaswag_val.jsonl` are the bundled samples, and
+   `databricks-dolly-15k.jsonl`, `conversations.jsonl`, `hellaswag_val.jsonl`, `ARC-Easy-Test.jsonl` and GSM8K's
+   `test.jsonl` and `train.jsonl` are the bundled samples, and
    `path/to/hf-gpt2` is the Hugging Face folder that `gptds convert zero-to-hf` wrote (out/gpt2-hf).
 2. Optional parts written `[--flag value]` are left out.
 3. deepspeed: `--num_gpus N` becomes 2, and a free `--master_port` is added (tests run side by side).
@@ -14,16 +15,18 @@ README's relative paths and later commands use what earlier ones wrote), changed
    README's `zero-to-universal` line converts `--optimizer adamw` runs (8-bit AdamW runs are refused).
    Without a bf16 GPU, `--deepspeed_config zero2` (bf16) becomes its fp32 twin `zero2_fp32` (same ZeRO
    stage; bf16 on a CPU is ~80x slower).
-5. `gptds evaluate` gets `--hellaswag_limit 8`.
+5. `gptds evaluate` gets `--hellaswag_limit 8 --limit 8`.
 6. The interactive `gptds chat` (no --message) reads "Hello" and "/quit" from its standard input.
 7. `make demo` runs the Makefile's recipe with this suite's virtualenv (VENV=..., SETUP= skips the
    install), DEMO_FLAGS=TINY and a free MASTER_PORT; it runs twice: the second run only says that the runs
    are complete and shows the answer again. Its console is checked for third-party notices too: the
    demo's commands show gptds's lines only.
+8. `python` and `ds_report` are the virtualenv's (the README's commands run with it activated).
 gptds commands run in this process through gptds.__main__.main, the function the `gptds` script calls;
 deepspeed and make commands run as processes."""
 
 import io
+import json
 import re
 import shlex
 import shutil
@@ -43,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 TINY = ["--model", "tiny", "-T", "64", "-B", "2", "--max_steps", "2", "--log_interval", "1", "--eval_batches", "1",
         "--hellaswag_limit", "8", "--generate_max_new_tokens", "8"]
-RUNS = {"gptds", "deepspeed", "make"}  # the programs whose commands run
+RUNS = {"gptds", "deepspeed", "make", "python", "ds_report"}  # the programs whose commands run
 
 HUB = "needs the Hugging Face hub (network)"
 INSTALL = "installs packages from the network; the virtualenv running this suite was made this way (make setup)"
@@ -79,6 +82,8 @@ EXEMPT = {  # the command (as shlex splits it, joined by spaces, without its com
     "--eval_batches 20 --hellaswag_interval 2500 --hellaswag_limit 0 --generate_interval 2500 "
     "--checkpoint_interval 1000 --log_dir runs/gpt2 --auto_resume": "GPU settings for a corpus from the hub "
                                                                      "(data/fineweb-edu, above): " + HUB,
+    "DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 pip install --no-cache-dir --no-build-isolation "
+    "deepspeed==0.19.8": INSTALL,
     "bash bench/gpu_wheels.sh": "downloads wheels from the network for the GPU machine",
     "bash bench/gpu_check.sh": "the GPU window's script: needs a CUDA GPU; its dry run is the next command",
     "GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh": "runs in tests/test_bench.py "
@@ -121,6 +126,8 @@ def rewritten(tokens: list[str]) -> list[str]:
     if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         tokens = ["zero2_fp32" if a == "zero2" and b == "--deepspeed_config" else a
                   for b, a in zip([""] + tokens, tokens)]
+    if tokens[0] in ("python", "ds_report"):
+        tokens = [str(VENV / "bin" / tokens[0]), *tokens[1:]]
     if tokens[0] == "deepspeed":
         tokens = ["deepspeed", "--master_port", str(free_port()), *tokens[1:]]
         tokens = ["2" if b == "--num_gpus" else a for b, a in zip([""] + tokens, tokens)]
@@ -130,7 +137,7 @@ def rewritten(tokens: list[str]) -> list[str]:
     elif job == "finetune":
         tokens += TINY
     elif job == "evaluate":
-        tokens += ["--hellaswag_limit", "8"]
+        tokens += ["--hellaswag_limit", "8", "--limit", "8"]
     return tokens
 
 
@@ -141,6 +148,9 @@ def example_inputs(tmp: Path) -> None:
     shutil.copy(ASSETS_DIR / "dolly_sample.jsonl", tmp / "databricks-dolly-15k.jsonl")
     shutil.copy(ASSETS_DIR / "chat_sample.jsonl", tmp / "conversations.jsonl")
     shutil.copy(ASSETS_DIR / "hellaswag_sample.jsonl", tmp / "hellaswag_val.jsonl")
+    shutil.copy(ASSETS_DIR / "arc_easy_sample.jsonl", tmp / "ARC-Easy-Test.jsonl")
+    shutil.copy(ASSETS_DIR / "gsm8k_sample.jsonl", tmp / "test.jsonl")
+    shutil.copy(ASSETS_DIR / "gsm8k_train_sample.jsonl", tmp / "train.jsonl")
     (tmp / "path" / "to").mkdir(parents=True)
     (tmp / "path" / "to" / "hf-gpt2").symlink_to(tmp / "out" / "gpt2-hf")
 
@@ -203,9 +213,14 @@ def test_every_readme_command_runs_as_written_or_is_exempt(tmp_path, monkeypatch
             if cmd[1] == "generate":
                 assert out.startswith("ROMEO:") and out.strip() != "ROMEO:", out
             if cmd[1] == "evaluate":
-                assert '"hellaswag_acc"' in out and "HellaSwag: 8/8 items" in err, (out, err)
-        else:
+                asked = cmd[cmd.index("--tasks") + 1].split(",") if "--tasks" in cmd else ["hellaswag"]
+                result = json.loads(out)
+                assert all(any(k == task or k.startswith(task + "_") for k in result) for task in asked), out
+                assert all(re.search(rf"^{task}: (\d+)/\1 items", err, re.M) for task in asked if task != "bpb"), err
+        elif tokens[0] == "deepspeed":
             check_plain_launch_console(run_process(cmd, tmp_path))
+        else:
+            run_process(cmd, tmp_path)
         ran.append(tokens[0] if tokens[0] != "gptds" else f"gptds {tokens[1]}")
     assert ran.count("deepspeed") == 2 and "make" in ran and ran.count("gptds convert") == 6, ran
     assert (tmp_path / "out" / "universal").is_dir() and (tmp_path / "runs" / "gpt2-dolly" / "checkpoints").is_dir()
