@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
              PrepareChatConfig, prepare_chat)
 
     for job, help_text in (("pretrain", "pretrain on token shards (or a mixture of prepared folders)"),
-                           ("finetune", "fine-tune on prepared conversations or instruction records (or a mixture)")):
+                           ("finetune", "fine-tune on prepared conversations or instruction records (or a mixture)"),
+                           ("rl", "reinforcement learning with verifiable rewards (GRPO-style) on a task's prompts")):
         p = sub.add_parser(job, help=help_text, description=help_text)
         add_run_flags(p, job)
         _everywhere_flags(p)

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gptds.config import flag, require
 from gptds.data.chat import Message, chat_format_of, prompt_tokens
 from gptds.errors import UserError
-from gptds.model import GPT, KVCache
+from gptds.model import GPT, KVCache, next_token_of
 from gptds.tokenizer import EOT_ID, IM_END_ID, decode
 from gptds.weights import load_model
 
@@ -103,13 +102,7 @@ class Conversation:
         if produced < self.cfg.min_new_tokens:
             logits = logits.clone()
             logits[[IM_END_ID, EOT_ID]] = float("-inf")
-        if self.cfg.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / self.cfg.temperature
-        if self.cfg.top_k is not None:
-            kth = torch.topk(logits, min(self.cfg.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=self.generator))
+        return int(next_token_of(logits[None], self.cfg.temperature, self.cfg.top_k, self.generator))
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda piece: None) -> str:
         """The assistant's answer to `text`, streamed to on_text piece by piece as it is generated."""

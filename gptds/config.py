@@ -269,10 +269,50 @@ class AdapterConfig:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
+RL_MAX_NEW_TOKENS = {"arithmetic": 8, "gsm8k": 256}  # the tasks of `gptds rl`, and their answers' length
+
+
+@dataclass
+class RLConfig:
+    """`gptds rl`'s own flags (rl.py does the work)."""
+    task: str = flag("arithmetic", "the prompts and their verifiable reward: arithmetic (built in: sums of two "
+                                   "numbers, learnable on a CPU in minutes) or gsm8k; the reward is 1 when the "
+                                   "answer's last number equals the reference", choices=tuple(RL_MAX_NEW_TOKENS),
+                     resume=(MUST_MATCH, "the prompts and the reward"))
+    task_file: str | None = flag(None, "the training prompts: JSONL in GSM8K's layout (question; answer ending in "
+                                       "'#### N'), or hub:NAME:CONFIG:SPLIT (e.g. hub:openai/gsm8k:main:train); "
+                                       "omitted: the task's bundled train split",
+                                 resume=(MUST_MATCH, "the prompts (their sha256, not the path)"))
+    num_samples: int = flag(8, "completions sampled per prompt: the group whose mean reward is each one's "
+                               "baseline; --micro_batch_size (completions per rank) is a multiple of it",
+                            resume=(MUST_MATCH, "the groups each step learns from"))
+    temperature: float = flag(1.0, "sampling temperature of the completions (and of held-out pass@k)",
+                              resume=(MAY_CHANGE, NEXT_STEPS))
+    top_k: int | None = flag(None, "sample from the k most likely tokens only (omitted: all)",
+                             resume=(MAY_CHANGE, NEXT_STEPS))
+    max_new_tokens: int | None = flag(None, "tokens per completion at most (omitted: arithmetic 8, gsm8k 256)",
+                                      resume=(MAY_CHANGE, NEXT_STEPS))
+    normalize_advantages: bool = flag(True, "divide each advantage by its group's reward standard deviation "
+                                            "(GRPO's form); --no-normalize_advantages: the reward minus the group "
+                                            "mean alone (Dr. GRPO, nanochat)", resume=(MAY_CHANGE, NEXT_STEPS))
+
+    def __post_init__(self):
+        check_flags(self, "rl")
+        require(self.num_samples >= 2, "rl", "num_samples", self.num_samples,
+                "2 or more: a completion's advantage is its reward against the others' of the same prompt")
+        require(self.temperature > 0, "rl", "temperature", self.temperature,
+                "a positive number: greedy completions of one prompt are all alike and teach nothing")
+        require(self.top_k is None or self.top_k > 1, "rl", "top_k", self.top_k, "2 or more, or omitted (all)")
+        require(self.max_new_tokens is None or self.max_new_tokens > 0, "rl", "max_new_tokens",
+                self.max_new_tokens, "a positive integer")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = RL_MAX_NEW_TOKENS[self.task]
+
+
 def resume_rules() -> list[tuple[str, str, str]]:
     """(flag, MAY_CHANGE or MUST_MATCH, why) for every training flag, in --help order."""
     rules = []
-    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig):
+    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig, RLConfig):
         for f in dataclasses.fields(cls):
             if f.metadata.get("resume") is None:
                 raise ValueError(f"--{f.name} ({cls.__name__}): say what a resume may do with it: "
@@ -357,11 +397,12 @@ def resolve_ds_config_path(name_or_path: str | None) -> Path:
 @dataclass
 class RunConfig:
     """Everything one training run needs; built once from the command line."""
-    job: str  # "pretrain" or "finetune"
+    job: str  # "pretrain", "finetune" or "rl"
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
     lora: AdapterConfig = field(default_factory=AdapterConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # `gptds rl`'s
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -381,6 +422,11 @@ JOB_DEFAULTS = {
     "finetune": dict(lr=3e-5, weight_decay=0.01, warmup_steps=10, max_steps=None, context_length=256,
                      log_dir="runs/finetune", eval_interval=25, generate_interval=50, hellaswag_interval=0,
                      checkpoint_interval=50),
+    # RL: a small lr (the policy already answers; each step moves it a little), the batch in completions
+    # (-B: 2 prompts x 8 samples per rank), the held-out pass@1/pass@k every 25 steps, every step logged
+    "rl": dict(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_steps=100, micro_batch_size=16, log_dir="runs/rl",
+               eval_interval=0, eval_task_interval=25, generate_interval=25, hellaswag_interval=0,
+               checkpoint_interval=25, log_interval=1),
 }
 
 
@@ -427,10 +473,11 @@ def from_flags(cls, args: argparse.Namespace):
 
 
 def add_run_flags(parser: argparse.ArgumentParser, job: str) -> None:
-    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig):
+    for cls in (DataConfig, TrainConfig, CheckpointConfig, AdapterConfig) + ((RLConfig,) if job == "rl" else ()):
         add_flags(parser, cls, JOB_DEFAULTS[job])
 
 
 def run_config_from_flags(job: str, args: argparse.Namespace) -> RunConfig:
     return RunConfig(job=job, data=from_flags(DataConfig, args), train=from_flags(TrainConfig, args),
-                     checkpoint=from_flags(CheckpointConfig, args), lora=from_flags(AdapterConfig, args))
+                     checkpoint=from_flags(CheckpointConfig, args), lora=from_flags(AdapterConfig, args),
+                     rl=from_flags(RLConfig, args))

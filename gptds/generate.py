@@ -53,9 +53,10 @@ def sample(model: torch.nn.Module, prompts: list[str | list[int]], max_new_token
 def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_k: int | None = None, generator: torch.Generator | None = None,
                    stop_tokens: tuple[int, ...] = (EOT_ID,), stop_strings: tuple[str, ...] = (),
-                   device: torch.device | str = "cpu") -> list[list[int]]:
+                   device: torch.device | str = "cpu", keep_stop_token: bool = False) -> list[list[int]]:
     """The continuation tokens of each prompt (token ids), up to max_new_tokens, ending before a stop token
-    or once the decoded continuation contains a stop string. The prompts are left-padded into one batch:
+    (or with it, keep_stop_token: what reinforcement learning trains on) or once the decoded continuation
+    contains a stop string. The prompts are left-padded into one batch:
     each row's positions start at 0 at its first real token and no token attends to padding.
 
     Ranks may hold different prompts (or none: a one-token dummy row) and answers of different lengths,
@@ -87,6 +88,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
                 continue
             if token in stop_tokens:
                 done[b] = True
+                if keep_stop_token:
+                    out[b].append(token)
                 continue
             out[b].append(token)
             done[b] = any(s in decode(out[b]) for s in stop_strings)

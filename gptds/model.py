@@ -174,16 +174,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the first vocab_size columns of logits (..., V_padded) at targets (...),
     skipping targets of -100 (as F.cross_entropy's ignore_index; nan when every target is skipped).
+    With weights (...), each position's loss is multiplied by its weight before the sum, which is still
+    divided by the number of targets (a policy gradient: weights are the advantages, rl.py).
     fp32 logits go to F.cross_entropy. Lower-precision logits are computed in fp32 a chunk of rows at a
     time and only (rows,) fp32 values are kept for backward, never a full-size fp32 copy of the logits,
     which for gpt2 at B=16, T=1024 would be 3.3 GB (plus as much again for its gradient)."""
     logits_2d, targets_1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    if logits.dtype == torch.float32:
+    if logits.dtype == torch.float32 and weights is None:
         return F.cross_entropy(logits_2d[:, :vocab_size], targets_1d, ignore_index=-100)
-    return _ChunkedCrossEntropy.apply(logits_2d, targets_1d, vocab_size)
+    if logits.dtype == torch.float32:
+        per_token = F.cross_entropy(logits_2d[:, :vocab_size], targets_1d, ignore_index=-100, reduction="none")
+        return (per_token * weights.reshape(-1)).sum() / (targets_1d != -100).sum()
+    return _ChunkedCrossEntropy.apply(logits_2d, targets_1d, vocab_size,
+                                      None if weights is None else weights.reshape(-1).float())
 
 
 @torch.no_grad()
@@ -205,7 +212,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     CHUNK_ROWS = 2048  # rows upcast at a time: 2048 x 50304 x 4 bytes = 412 MB of fp32 at most
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         keep = targets != -100
         safe_targets = torch.where(keep, targets, 0)
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)  # (N,)
@@ -214,22 +222,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse[rows] = torch.logsumexp(logits[rows, :vocab_size].float(), dim=-1)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         count = keep.sum()
-        ctx.save_for_backward(logits, safe_targets, keep, lse, count)
+        scale = keep.float() if weights is None else weights * keep  # (N,): each row's weight in the sum
+        ctx.save_for_backward(logits, safe_targets, scale, lse, count)
         ctx.vocab_size = vocab_size
-        return ((lse - target_logits) * keep).sum() / count
+        return ((lse - target_logits) * scale).sum() / count
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logits, targets, keep, lse, count = ctx.saved_tensors
+        logits, targets, weight, lse, count = ctx.saved_tensors
         V = ctx.vocab_size
         grad = torch.zeros_like(logits)  # padding columns get no gradient
-        scale = (grad_out / count) * keep  # (N,): d loss / d row
+        scale = (grad_out / count) * weight  # (N,): d loss / d row
         for start in range(0, logits.size(0), _ChunkedCrossEntropy.CHUNK_ROWS):
             rows = slice(start, start + _ChunkedCrossEntropy.CHUNK_ROWS)
             probs = torch.exp(logits[rows, :V].float() - lse[rows, None])  # softmax, fp32, one chunk
             probs[torch.arange(probs.size(0), device=probs.device), targets[rows]] -= 1.0
             grad[rows, :V] = (probs * scale[rows, None]).to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 class GPT(nn.Module):
@@ -268,15 +277,18 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits_at: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T) with -100
         where no loss is taken, the mean cross-entropy over the other positions.
 
         For packed or padded rows (evaluation, batched generation): positions (B, T) are each token's
         position (default: consecutive from the cache's), attn_mask (B, T, S) bool who attends to whom
-        (default: causal), and logits_at (B, T) bool the positions whose logits are wanted: the logits
-        are then (N, vocab_size), N = logits_at.sum(), in row-major order, and the output layer runs on
-        those rows only (for a small model most of the compute is that layer's)."""
+        (default: causal), and logits_at (B, T) bool (or flat indices into B * T) the positions whose
+        logits are wanted: the logits are then (N, vocab_size), N = logits_at.sum(), in row-major order,
+        and the output layer runs on those rows only (for a small model most of the compute is that
+        layer's); targets are then (N,) (training on responses only: loaders.DeviceBatches, rl.py).
+        loss_weights (shaped as targets) weight each position's loss (cross_entropy)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if positions is None:
@@ -292,10 +304,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
-        if logits_at is not None:
+        if logits_at is not None and logits_at.dtype == torch.bool:
             x = x[logits_at]  # (N, C)
+        elif logits_at is not None:  # flat indices into (B * T): no device sync to learn N
+            x = x.reshape(-1, x.size(-1)).index_select(0, logits_at)
         padded_logits = self.lm_head(x)  # (B, T, padded V): the padding columns are never read
-        loss = None if targets is None else cross_entropy(padded_logits, targets, self.config.vocab_size)
+        loss = None if targets is None else cross_entropy(padded_logits, targets, self.config.vocab_size, loss_weights)
         return padded_logits[..., :self.config.vocab_size], loss  # (B, T, V)
 
     @torch.no_grad()
@@ -353,15 +367,21 @@ class GPT(nn.Module):
 def next_token_of(logits: torch.Tensor, temperature: float, top_k: int | None,
                   generator: torch.Generator | None) -> torch.Tensor:
     """The next token (B, 1) from last-position logits (B, V): the argmax at temperature 0, else a draw
-    from softmax(logits / temperature) over the top_k most likely tokens (all when top_k is None)."""
+    from softmax(logits / temperature) over the top_k most likely tokens (all when top_k is None).
+    The draw inverts the cumulative distribution at one uniform number per row: B random numbers, where
+    torch.multinomial draws one per vocabulary entry on the CPU (37 ms for 32 rows of GPT-2's vocabulary,
+    against about 2 ms for this)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k)  # (B, k), ties at the k-th included as torch.topk picks them
+    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)
+    u = torch.rand((logits.size(0), 1), generator=generator, device=logits.device, dtype=cdf.dtype)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.size(-1) - 1)  # (B, 1)
+    return picked if ids is None else ids.gather(1, picked)
 
 
 def compile_blocks(model: GPT) -> None:

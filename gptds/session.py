@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gptds import checkpoint, dist, engine, tasks
+from gptds import checkpoint, dist, engine, rl, tasks
 from gptds.config import Batch, RunConfig, ds_conflict_message, resolve_ds_config_path
 from gptds.data.chat import chat_format_of
 from gptds.data.loaders import DeviceBatches, TrainingData, build_training_data, load_manifest, parse_data_dirs
@@ -63,12 +63,13 @@ class Session:
     peak_flops: float | None
     hellaswag: tasks.Task | None   # scored every --hellaswag_interval steps
     eval_tasks: list[tasks.Task]   # scored every --eval_task_interval steps
-    prompts: list[str]
+    prompts: list[str | list[int]]
     locks: list[FolderLock]      # the run folder's and checkpoint folder's (held by rank 0; release() at the end)
     state: LoopState = field(default_factory=LoopState)
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
     batches_since_eval: list[float] = field(default_factory=list)  # training losses since the last evaluation
     previous_eval: tuple[float, float] | None = None  # (val_loss, mean training loss before it)
+    task_generation: dict = field(default_factory=dict)  # generation tasks' settings (RL: its pass@k sampling)
 
     @property
     def wandb(self) -> dict | None:
@@ -213,6 +214,8 @@ def set_up(run: RunConfig) -> Session:
     info = dist.init_distributed()
     cfg, data = run.train, run.data
     batch = run.batch(info.world_size)
+    if run.job == "rl":
+        rl.check_run(run)
 
     check_writable(cfg.log_dir, "--log_dir")
     check_writable(run.checkpoint_dir, "--checkpoint_dir")
@@ -239,6 +242,23 @@ def set_up(run: RunConfig) -> Session:
         raise
 
 
+def check_training_data(run: RunConfig, training_data: TrainingData, specs: list[tuple[Path, float]],
+                        batch: Batch) -> None:
+    """Enough sequences for one optimizer step, of a kind the job trains on."""
+    train_loader, job = training_data.train, JOBS[run.job]
+    if train_loader.batches_per_epoch() < batch.grad_accum_steps:  # a step would read sequences more than once
+        raise UserError(f"{training_data.description}: the train split holds "
+                        f"{train_loader.batches_per_epoch() * train_loader.sequences_per_micro_step} sequences of "
+                        f"{run.data.context_length + 1} tokens, fewer than one optimizer step takes (micro batch "
+                        f"{batch.micro_batch_size} x grad accumulation {batch.grad_accum_steps} x {batch.world_size} "
+                        f"rank(s) = {batch.global_batch_size}); lower --micro_batch_size/--grad_accum_steps or "
+                        f"prepare more data")
+    (kind,) = training_data.kinds if len(specs) == 1 else (None,)
+    if len(specs) == 1 and kind not in job.data_kinds:
+        raise UserError(f"{specs[0][0]}: holds {kind!r} data; `gptds {run.job}` needs data from "
+                        f"`{job.prepare_command}` (or a mixture: several --data_dir DIR:WEIGHT)")
+
+
 def lock_run_folders(run: RunConfig) -> list[FolderLock]:
     """The run folder and the checkpoint folder, each locked for this run (waiting up to --lock_wait_s for a
     run that holds one to end); UserError naming the holder otherwise."""
@@ -263,7 +283,7 @@ def release(locks: list[FolderLock], undo: bool = False) -> None:
 def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Path, ds_config: dict,
            specs: list[tuple[Path, float]], locks: list[FolderLock]) -> Session:
     """set_up's second half, inside the run's folders: the checkpoint to resume, data, model, engine."""
-    cfg, data, job, ck = run.train, run.data, JOBS[run.job], run.checkpoint
+    cfg, data, ck = run.train, run.data, run.checkpoint
     # Rank 0 finds and verifies (reads every byte of) the checkpoint to resume; the other ranks take its word.
     resume_dir = dist.on_main(lambda: checkpoint.resume_target(run.checkpoint_dir, ck))
     resume_meta = checkpoint.verify(resume_dir, "sizes") if resume_dir else None
@@ -277,21 +297,20 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
-    specs = specs or [(prepare_demo_data(run), 1.0)]
-    training_data = build_training_data(specs, data.micro_batch_size, data.context_length, info.rank,
-                                        info.world_size, cfg.seed)
+    fmt = tasks.prompt_format(chat_format_of(model_config))
+    if run.job == "rl":  # the prompts the policy samples for, in the place of training data
+        if resume_dir is None and not ck.pretrained_checkpoint:
+            raise UserError("`gptds rl` improves a model that already answers in the task's format: give it with "
+                            "--pretrained_checkpoint (e.g. the chat model of `gptds finetune`; README, "
+                            "\"Reinforcement learning\")")
+        prompt_set = rl.load_prompts(run, fmt, model_config.block_size, info.world_size)
+        training_data = rl.training_data(prompt_set, run.rl)
+    else:
+        specs = specs or [(prepare_demo_data(run), 1.0)]
+        training_data = build_training_data(specs, data.micro_batch_size, data.context_length, info.rank,
+                                            info.world_size, cfg.seed, validates=cfg.eval_interval > 0)
+        check_training_data(run, training_data, specs, batch)
     train_loader = training_data.train
-    if train_loader.batches_per_epoch() < batch.grad_accum_steps:  # a step would read sequences more than once
-        raise UserError(f"{training_data.description}: the train split holds "
-                        f"{train_loader.batches_per_epoch() * train_loader.sequences_per_micro_step} sequences of "
-                        f"{data.context_length + 1} tokens, fewer than one optimizer step takes (micro batch "
-                        f"{batch.micro_batch_size} x grad accumulation {batch.grad_accum_steps} x {batch.world_size} "
-                        f"rank(s) = {batch.global_batch_size}); lower --micro_batch_size/--grad_accum_steps or "
-                        f"prepare more data")
-    (kind,) = training_data.kinds if len(specs) == 1 else (None,)
-    if len(specs) == 1 and kind not in job.data_kinds:
-        raise UserError(f"{specs[0][0]}: holds {kind!r} data; `gptds {run.job}` needs data from "
-                        f"`{job.prepare_command}` (or a mixture: several --data_dir DIR:WEIGHT)")
     if training_data.vocab_size > model_config.vocab_size:
         if training_data.vocab_size != CHAT_VOCAB_SIZE:
             raise UserError(f"{training_data.description}: the data uses {training_data.vocab_size} token ids, the "
@@ -309,9 +328,15 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
         meta["wandb_run_id"] = (resume_meta or {}).get("wandb_run_id") or new_wandb_run_id()
     if resume_meta:
         checkpoint.check_resumable(resume_meta, resume_dir, meta)
+        if run.job == "rl":
+            rl.check_same_rl(resume_meta, resume_dir, run)
         if resume_meta.get("kind") == "universal":
             ds_config = engine.universal_load_config(ds_config)
     hellaswag, eval_tasks = load_eval_tasks(run)
+    task_generation, prompts = {}, sample_prompts(training_data.kinds)
+    if run.job == "rl" and cfg.eval_task_interval:  # its held-out split, scored with its own sampling settings
+        held_out, task_generation, prompts = rl.held_out(run, fmt)
+        eval_tasks = [held_out, *eval_tasks]
     # No --max_steps (fine-tuning's default): one epoch of the training split.
     max_steps = cfg.max_steps or max(1, train_loader.batches_per_epoch() // cfg.grad_accum_steps)
 
@@ -333,9 +358,11 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
     eng = engine.initialize(model, optimizer, ds_config)
     torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (dropout) from here on
 
-    s = Session(run, info, eng, DeviceBatches(train_loader, info.device), training_data, model_config, batch,
-                max_steps, meta, n_params, flops_per_step, peak_flops(info.device, cfg.peak_tflops), hellaswag,
-                eval_tasks, sample_prompts(training_data.kinds), locks)
+    batches = (rl.Rollouts(prompt_set, eng.module, run.rl, fmt, info, cfg.seed) if run.job == "rl"
+               else DeviceBatches(train_loader, info.device))
+    s = Session(run, info, eng, batches, training_data, model_config, batch, max_steps, meta, n_params,
+                flops_per_step, None if run.job == "rl" else peak_flops(info.device, cfg.peak_tflops), hellaswag,
+                eval_tasks, prompts, locks, task_generation=task_generation)
     if resume_dir is not None:
         s.state.step = s.resumed_from_step = checkpoint.load(eng, resume_dir, *s.stateful)
         s.state.val_loss = s.state.val_loss if s.state.val_loss is not None else resume_meta.get("val_loss")

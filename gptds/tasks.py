@@ -41,11 +41,12 @@ class ChoiceItem:
 @dataclass
 class GenItem:
     """A generation item: the prompt, the reference the answer is checked against, and the parts the
-    prompt was made of (for a chat format, which renders them as turns instead)."""
+    prompt was made of (for a chat format, which renders them as turns instead: the bare question as the
+    user's turn, as a chat model fine-tuned on such records (prepare chat's gsm8k layout, rl.py) reads it)."""
     prompt: str
     reference: str
     question: str
-    shots: list[tuple[str, str]] = field(default_factory=list)  # (question text, answer text)
+    shots: list[tuple[str, str]] = field(default_factory=list)  # (question, answer text)
 
 
 @dataclass
@@ -232,7 +233,7 @@ class TaskSpec:
     num_fewshot: int = 0
 
 
-def _question_answer(d: dict) -> str:
+def question_answer(d: dict) -> str:
     return f"Question: {d['question']}\nAnswer:"
 
 
@@ -241,9 +242,9 @@ SPECS: dict[str, TaskSpec] = {
     # so the harness draws k + 1 examples and drops the doc whatever split they come from.
     "hellaswag": TaskSpec("choice", parse_hellaswag, lambda d: d["query"], lambda d: d["choices"][d["gold"]],
                           sample="hellaswag_sample.jsonl", draw_extra=True),
-    "arc_easy": TaskSpec("choice", parse_arc, _question_answer, lambda d: d["choices"][d["gold"]],
+    "arc_easy": TaskSpec("choice", parse_arc, question_answer, lambda d: d["choices"][d["gold"]],
                          sample="arc_easy_sample.jsonl"),
-    "arc_challenge": TaskSpec("choice", parse_arc, _question_answer, lambda d: d["choices"][d["gold"]],
+    "arc_challenge": TaskSpec("choice", parse_arc, question_answer, lambda d: d["choices"][d["gold"]],
                               sample="arc_challenge_sample.jsonl"),
     "mmlu": TaskSpec("choice", parse_mmlu,
                      lambda d: f"{d['question'].strip()}\n" + "".join(f"{letter}. {c}\n" for letter, c in
@@ -252,8 +253,11 @@ SPECS: dict[str, TaskSpec] = {
                      description=lambda d: "The following are multiple choice questions (with answers) about "
                                            f"{d['subject'].replace('_', ' ')}.\n\n",
                      sample="mmlu_sample.jsonl", fewshot_sample="mmlu_dev_sample.jsonl", first_n=True),
-    "gsm8k": TaskSpec("generate", parse_gsm8k, _question_answer, lambda d: d["answer"],
+    "gsm8k": TaskSpec("generate", parse_gsm8k, question_answer, lambda d: d["answer"],
                       sample="gsm8k_sample.jsonl", fewshot_sample="gsm8k_train_sample.jsonl", num_fewshot=5),
+    # gptds's own: sums of two small numbers in GSM8K's layout, the held-out split of `gptds rl`'s built-in task
+    "arithmetic": TaskSpec("generate", parse_gsm8k, question_answer, lambda d: d["answer"],
+                           sample="arithmetic_test.jsonl"),
 }
 GENERIC = TaskSpec("choice", parse_generic, lambda d: d["context"], lambda d: d["choices"][d["gold"]])
 TASK_NAMES = ("bpb", *SPECS)  # bpb is the validation split's bits per byte (evaluate.py)
@@ -320,8 +324,8 @@ def load_task(name: str, files: dict[str, str] | None = None, limit: int = 0,
         if spec.kind == "choice":
             items.append(ChoiceItem(context, spec.choices(doc), doc["gold"], doc.get("subject", "")))
         else:
-            items.append(GenItem(context, spec.target(doc), spec.text(doc),
-                                 [(spec.text(s), spec.target(s)) for s in examples]))
+            items.append(GenItem(context, spec.target(doc), doc["question"],
+                                 [(s["question"], spec.target(s)) for s in examples]))
     return Task(name, spec.kind, items, k)
 
 

@@ -108,8 +108,8 @@ def optimizer_step(s: Session, lr: float, stop: StopRequest) -> StepOutcome:
     components = len(s.data.components)
     sums = torch.zeros(4 + 2 * components, device=s.info.device, dtype=torch.float32)
     for micro in range(G):
-        x, y = s.batches.next()
-        logits, loss = eng(x, y)
+        x, y, *options = s.batches.next()  # RL's rollouts add forward options: logits_at, loss_weights
+        logits, loss = eng(x, y, **(options[0] if options else {}))
         s.batches.prefetch()  # reads and copies the next batch while the device computes this one
         if components:
             per_row = token_losses(logits, y, logits.size(-1))  # (B, T), 0 where no loss is taken
@@ -163,9 +163,12 @@ def log_step(s: Session, log: MetricsLogger, console: Console, outcome: StepOutc
                "tokens_per_second": s.batch.global_batch_tokens / step_time, "step_time_ms": 1000 * step_time,
                "mfu": s.flops_per_step / step_time / (s.peak_flops * s.info.world_size) if s.peak_flops else None,
                "skipped_bad_steps": s.state.skipped_bad_steps, "overhead_share": clock.overhead_share(),
-               **engine.fp16_state(s.eng)}
+               **engine.fp16_state(s.eng), **s.batches.metrics(step_time, s.batch.grad_accum_steps)}
     log.log(step, metrics)
-    console.write(f"step {step}/{s.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+    console.write(f"step {step}/{s.max_steps} | loss {loss:.4f} | "
+                  + (f"reward {metrics['reward']:.3f} (std {metrics['reward_std']:.3f}, "
+                     f"{metrics['response_tokens']:.1f} tokens) | " if "reward" in metrics else "")
+                  + f"lr {lr:.2e} | "
                   f"grad_norm {metrics['grad_norm'] or 0:.3f} | {metrics['tokens_per_second']:,.0f} tok/s"
                   + (f" | mfu {100 * metrics['mfu']:.1f}%" if metrics["mfu"] else "")
                   + (f" | loss_scale {metrics['loss_scale']:g} skipped {metrics['skipped_steps']}"
@@ -217,7 +220,7 @@ def log_tasks(s: Session, log: MetricsLogger, console: Console, to_score: list[t
     fmt = tasks.prompt_format(s.meta.get("chat_format"))
     for task in to_score:
         scores = run_task(s.eng.module, task, s.model_config.block_size, s.info.device, fmt=fmt,
-                          seed=s.run.train.seed, show_progress=True,
+                          seed=s.run.train.seed, show_progress=True, **s.task_generation,
                           progress_write=lambda line: console.write(f"step {s.state.step}: {line}"))
         log.log(s.state.step, {k: v for k, v in scores.items() if not k.endswith("_n")})
         shown = {k: v for k, v in scores.items() if not k.endswith("_n")
@@ -234,8 +237,10 @@ def log_samples(s: Session, log: MetricsLogger, console: Console) -> None:
         return
     texts = sample(s.eng.module, s.prompts, cfg.generate_max_new_tokens, temperature=0.8, top_k=200,
                    seed=cfg.seed, device=s.info.device)
+    rollouts = s.batches.samples()  # RL: the last rollouts with their rewards
     if s.info.is_main:
         body = "\n\n".join(f"[{p if isinstance(p, str) else decode(p)}]{t}" for p, t in zip(s.prompts, texts))
+        body += f"\n\n{rollouts}" if rollouts else ""
         console.write(f"step {step} samples:\n{body}")
         log.text(step, "samples", body)
         with open(Path(cfg.log_dir) / "samples.txt", "a") as f:

@@ -49,8 +49,8 @@ def nan_loss(fault: dict):
     """The training losses of forward calls number `calls` (counted from 1) become `value` (nan or inf)."""
     original, count = GPT.forward, [0]
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        logits, loss = original(self, idx, targets, kv_cache)
+    def forward(self, idx, targets=None, kv_cache=None, **options):
+        logits, loss = original(self, idx, targets, kv_cache, **options)
         if loss is not None and self.training:
             count[0] += 1
             if count[0] in fault["calls"]:

@@ -396,7 +396,8 @@ def test_a_checkpoint_with_a_chat_format_gets_its_prompts_and_stops(models, monk
         tasks.prompt_format("other")
     task = tasks.load_task("gsm8k", limit=2, num_fewshot=2)
     assert generation_metrics(ours, task, BLOCK, torch.device("cpu"), fmt=fake, max_new_tokens=4)["gsm8k_n"] == 2
-    assert [len(item.shots) for item in seen] == [2, 2] and seen[0].question.startswith("Question: ")
+    assert [len(item.shots) for item in seen] == [2, 2] and not seen[0].question.startswith("Question: ")
+    assert seen[0].prompt.endswith(f"Question: {seen[0].question}\nAnswer:")  # the plain prompt around it
 
 
 def test_progress_reports_count_rate_and_eta():

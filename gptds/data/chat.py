@@ -25,7 +25,7 @@ from gptds.tokenizer import CHAT_VOCAB_SIZE, IM_END, IM_END_ID, IM_START, IM_STA
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
-CHAT_LAYOUTS = ("auto", "openai", "sharegpt", "dolly", "alpaca")
+CHAT_LAYOUTS = ("auto", "openai", "sharegpt", "dolly", "alpaca", "gsm8k")
 CHAT_FORMAT = "chatml"
 # transformers' apply_chat_template renders exactly what render() tokenises.
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
@@ -57,7 +57,7 @@ def detect_chat_layout(fields: dict, location: str) -> str:
             return layout
     raise UserError(f"{location}: cannot tell the conversation layout from its fields {sorted(fields)}: expected "
                     "\"messages\" (OpenAI: role/content), \"conversations\" (ShareGPT: from/value), or a Dolly/"
-                    "Alpaca instruction record; check the file or pass --format")
+                    "Alpaca instruction record or GSM8K question/answer; check the file or pass --format")
 
 
 def conversation_from_fields(fields: dict, layout: str, location: str) -> list[Message]:

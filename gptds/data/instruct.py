@@ -23,6 +23,8 @@ IGNORE_INDEX = -100  # target value that torch's cross_entropy skips
 LAYOUTS = {
     "dolly": {"instruction": "instruction", "context": "context", "response": "response", "category": "category"},
     "alpaca": {"instruction": "instruction", "context": "input", "response": "output", "category": None},
+    # GSM8K and gptds's arithmetic task: the question, and the worked answer ending in "#### N"
+    "gsm8k": {"instruction": "question", "context": None, "response": "answer", "category": None},
 }
 REQUIRED_ROLES = ("instruction", "response")  # context and category may be missing (= empty)
 NO_CATEGORY = "none"
@@ -42,7 +44,8 @@ def detect_layout(fields: dict, location: str) -> str:
         if names["response"] in fields and names["instruction"] in fields:
             return layout
     raise UserError(f"{location}: cannot tell the record layout from its fields {sorted(fields)}: expected "
-                    "dolly (instruction, context, response, category) or alpaca (instruction, input, output); "
+                    "dolly (instruction, context, response, category), alpaca (instruction, input, output) or "
+                    "gsm8k (question, answer); "
                     "check the file or pass --format")
 
 
@@ -64,7 +67,7 @@ def record_from_fields(fields: dict, layout: str, location: str) -> InstructReco
             raise UserError(f"{location}: field {name!r} is empty or blank (a {layout} record needs text in "
                             f"{' and '.join(LAYOUTS[layout][r] for r in REQUIRED_ROLES)})")
     values["category"] = values.get("category") or NO_CATEGORY
-    return InstructRecord(**values)
+    return InstructRecord(**{"context": "", **values})  # a layout without a context field (gsm8k): none
 
 
 def render_prompt(record: InstructRecord) -> str:

@@ -292,8 +292,9 @@ class InstructLoader(_Loader):
 
 
 def build_loader(data_dir, split: str, micro_batch_size: int, context_length: int, rank: int, world_size: int,
-                 seed: int, shuffle: bool = True) -> TextLoader | InstructLoader:
-    """The loader for a prepared folder's split, by its manifest's kind (text or instruct)."""
+                 seed: int, shuffle: bool = True, check_size: bool = True) -> TextLoader | InstructLoader:
+    """The loader for a prepared folder's split, by its manifest's kind (text or instruct); unless not
+    check_size (a validation split of a run that never evaluates), one that cannot fill a micro step is refused."""
     manifest = load_manifest(data_dir)
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -306,7 +307,7 @@ def build_loader(data_dir, split: str, micro_batch_size: int, context_length: in
     cls = TextLoader if manifest["kind"] == "text" else InstructLoader  # instruct and chat
     loader = cls(Path(data_dir), manifest, split, micro_batch_size, context_length, rank, world_size, seed, shuffle)
     rows = loader.rows_per_epoch()
-    if rows < loader.sequences_per_micro_step:  # each step would read the same sequences several times over
+    if check_size and rows < loader.sequences_per_micro_step:  # each step would read the same sequences again
         raise UserError(f"{data_dir}: the {split} split holds {rows} sequences of {context_length + 1} tokens, fewer "
                         f"than one micro step takes ({micro_batch_size} per rank x {world_size} rank(s) = "
                         f"{loader.sequences_per_micro_step}); lower --micro_batch_size (-B) or prepare more data")
@@ -327,6 +328,14 @@ class DeviceBatches:
         self._state_before_pending: dict | None = None
         self.components: torch.Tensor | None = None  # of a mixture: each row's component, of the last batch
 
+    def metrics(self, step_time: float, grad_accum_steps: int) -> dict:
+        """What the batches add to the step's log line (RL's rollouts: rewards); nothing here."""
+        return {}
+
+    def samples(self) -> str:
+        """What the batches add to samples.txt (RL's rollouts); nothing here."""
+        return ""
+
     def prefetch(self) -> None:
         if self._pending is not None:
             return
@@ -334,17 +343,23 @@ class DeviceBatches:
         x, y = self.loader.next_batch()
         components = getattr(self.loader, "last_components", None)
         self._pending_components = None if components is None else torch.from_numpy(components).to(self.device)
+        batch = [x, y]
+        if getattr(self.loader, "kind", "text") != "text":  # loss on responses only: the output layer runs on
+            # those positions alone (flat indices, found here on the host: no device sync to size the result)
+            trained = (y != -100).flatten().nonzero().squeeze(1)
+            batch = [x, y.flatten()[trained], trained]
         if self.device.type == "cuda":
-            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
+            batch = [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
         else:
-            x, y = x.to(self.device), y.to(self.device)
-        self._pending = (x, y)
+            batch = [t.to(self.device) for t in batch]
+        self._pending = tuple(batch)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x, y), or for instruction and chat data (x, y at the trained positions, {"logits_at": them})."""
         self.prefetch()
         batch, self._pending = self._pending, None
         self.components = self._pending_components
-        return batch
+        return batch if len(batch) == 2 else (batch[0], batch[1], {"logits_at": batch[2]})
 
     def state_dict(self) -> dict:
         return self._state_before_pending if self._pending is not None else self.loader.state_dict()
@@ -471,18 +486,20 @@ class TrainingData:
 
 
 def build_training_data(specs: list[tuple[Path, float]], micro_batch_size: int, context_length: int, rank: int,
-                        world_size: int, seed: int) -> TrainingData:
+                        world_size: int, seed: int, validates: bool = True) -> TrainingData:
+    """The loaders of one folder or a mixture; `validates`: the run evaluates on the validation split, which
+    must then fill a micro step (a run with --eval_interval 0 may have a tiny one)."""
     args = (micro_batch_size, context_length, rank, world_size, seed)
     if len(specs) == 1:
         (path, _), = specs
         train = build_loader(path, "train", *args)
-        val = build_loader(path, "val", *args, shuffle=False)
+        val = build_loader(path, "val", *args, shuffle=False, check_size=validates)
         manifest = train.manifest
         return TrainingData(train, val, [], {manifest["kind"]}, manifest["vocab_size"], manifest_sha256(path),
                             str(path), manifest.get("source"))
     train = MixtureLoader(specs, "train", *args)
     val = MixtureLoader(specs, "val", *args, shuffle=False)
-    components = [(name, build_loader(path, "val", *args, shuffle=False))
+    components = [(name, build_loader(path, "val", *args, shuffle=False, check_size=validates))
                   for name, (path, _) in zip(train.names, specs)]
     manifests = [loader.manifest for loader in train.loaders]
     weights = [w for _, w in specs]

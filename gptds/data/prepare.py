@@ -54,7 +54,7 @@ from gptds.tokenizer import CHAT_VOCAB_SIZE, EOT_ID, VOCAB_SIZE
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 MAX_WORKERS = 256
-INSTRUCT_FORMATS = ("auto", "dolly", "alpaca")
+INSTRUCT_FORMATS = ("auto", "dolly", "alpaca", "gsm8k")
 RECORDS_PER_JOB = 256  # instruction records per work item (~250 KB of text for Dolly)
 
 
@@ -97,7 +97,8 @@ class PrepareDollyConfig:
     dataset_split: str = flag("train", "the dataset split to read")
     streaming: bool = flag(True, "stream the dataset rather than download it whole first")
     format: str = flag("auto", "record layout: dolly (instruction, context, response, category), alpaca "
-                               "(instruction, input, output), or auto: from the first record's fields",
+                               "(instruction, input, output), gsm8k (question, answer), or auto: from the first "
+                               "record's fields",
                        choices=INSTRUCT_FORMATS)
     output_dir: str = flag("data/dolly", "folder for the shards and manifest.json")
     context_length: int = flag(1024, "tokens per training sequence: longer records lose the end of their "
@@ -128,7 +129,8 @@ class PrepareChatConfig:
     dataset_config: str | None = flag(None, "the dataset's configuration name")
     dataset_split: str = flag("train", "the dataset split to read")
     streaming: bool = flag(True, "stream the dataset rather than download it whole first")
-    format: str = flag("auto", "record layout: openai, sharegpt, dolly, alpaca, or auto: from the first record",
+    format: str = flag("auto", "record layout: openai, sharegpt, dolly, alpaca, gsm8k, or auto: from the first "
+                               "record",
                        choices=CHAT_LAYOUTS)
     output_dir: str = flag("data/chat", "folder for the shards, masks and manifest.json")
     context_length: int = flag(1024, "tokens per training sequence: a longer conversation is cut after its last "
