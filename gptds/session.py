@@ -230,6 +230,10 @@ def set_up(run: RunConfig) -> Session:
         ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint), ("--hellaswag_file", data.hellaswag_file),
         ("--deepspeed_config", ds_config_path)] + [
         ("--eval_task_file", path) for path in task_files.values() if not path.startswith("hub:")]
+    if run.job == "rl":  # its prompts and held-out split
+        inputs += [(flag, path) for flag, path in [("--task_file", run.rl.task_file)] + [
+            ("--eval_task_file", p) for p in tasks.parse_task_files(data.eval_task_file).values()]
+            if path and not path.startswith("hub:")]
     check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
     check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
     engine.check_precision_supported(ds_config_path, ds_config)
@@ -334,9 +338,10 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
             ds_config = engine.universal_load_config(ds_config)
     hellaswag, eval_tasks = load_eval_tasks(run)
     task_generation, prompts = {}, sample_prompts(training_data.kinds)
-    if run.job == "rl" and cfg.eval_task_interval:  # its held-out split, scored with its own sampling settings
-        held_out, task_generation, prompts = rl.held_out(run, fmt)
-        eval_tasks = [held_out, *eval_tasks]
+    if run.job == "rl":  # its held-out split: sampled at intervals, and scored with RL's sampling settings
+        held_out, generation, prompts = rl.held_out(run, fmt)
+        if cfg.eval_task_interval:
+            eval_tasks, task_generation = [held_out, *eval_tasks], generation
     # No --max_steps (fine-tuning's default): one epoch of the training split.
     max_steps = cfg.max_steps or max(1, train_loader.batches_per_epoch() // cfg.grad_accum_steps)
 

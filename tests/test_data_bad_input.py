@@ -85,8 +85,8 @@ def test_record_missing_a_field_names_the_field(tmp_path):
 
 
 def test_unknown_layout_names_the_fields(tmp_path):
-    weird = _jsonl(tmp_path / "weird.jsonl", ['{"question": "a", "answer": "b"}'])
-    with pytest.raises(UserError, match=rf"^{weird}:1: cannot tell the record layout .*'answer', 'question'"):
+    weird = _jsonl(tmp_path / "weird.jsonl", ['{"prompt": "a", "completion": "b"}'])
+    with pytest.raises(UserError, match=rf"^{weird}:1: cannot tell the record layout .*'completion', 'prompt'"):
         _dolly(tmp_path, [weird])
     _assert_nothing_written(tmp_path)
 

@@ -11,8 +11,9 @@ README's relative paths and later commands use what earlier ones wrote), changed
 2. Optional parts written `[--flag value]` are left out.
 3. deepspeed: `--num_gpus N` becomes 2, and a free `--master_port` is added (tests run side by side).
 4. Training (pretrain, finetune): TINY is appended (argparse takes a flag's last value): the tiny model, a
-   few steps, small batches and evaluations. The pretraining run also gets `--optimizer adamw`, because the
-   README's `zero-to-universal` line converts `--optimizer adamw` runs (8-bit AdamW runs are refused).
+   few steps, small batches and evaluations; `gptds rl` gets RL_TINY (a few steps, one prompt per rank).
+   The pretraining run also gets `--optimizer adamw`, because the README's `zero-to-universal` line
+   converts `--optimizer adamw` runs (8-bit AdamW runs are refused).
    Without a bf16 GPU, `--deepspeed_config zero2` (bf16) becomes its fp32 twin `zero2_fp32` (same ZeRO
    stage; bf16 on a CPU is ~80x slower).
 5. `gptds evaluate` gets `--hellaswag_limit 8 --limit 8`.
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 TINY = ["--model", "tiny", "-T", "64", "-B", "2", "--max_steps", "2", "--log_interval", "1", "--eval_batches", "1",
         "--hellaswag_limit", "8", "--generate_max_new_tokens", "8"]
+RL_TINY = ["--max_steps", "2", "-B", "8", "--log_interval", "1"]  # -B: one prompt's 8 completions per rank
 RUNS = {"gptds", "deepspeed", "make", "python", "ds_report"}  # the programs whose commands run
 
 HUB = "needs the Hugging Face hub (network)"
@@ -84,6 +86,10 @@ EXEMPT = {  # the command (as shlex splits it, joined by spaces, without its com
                                                                      "(data/fineweb-edu, above): " + HUB,
     "DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 pip install --no-cache-dir --no-build-isolation "
     "deepspeed==0.19.8": INSTALL,
+    "deepspeed --num_gpus 8 --module gptds rl --pretrained_checkpoint runs/chat-gsm8k/checkpoints --task gsm8k "
+    "--task_file train.jsonl --eval_task_file gsm8k=test.jsonl --log_dir runs/rl-gsm8k":
+        "GPU scale: GSM8K prompts plus 256-token answers need a GPT-2-size chat model's context (the tiny model's "
+        "is 128 tokens); the same code path runs on the arithmetic task above and in tests/test_rl.py",
     "bash bench/gpu_wheels.sh": "downloads wheels from the network for the GPU machine",
     "bash bench/gpu_check.sh": "the GPU window's script: needs a CUDA GPU; its dry run is the next command",
     "GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh": "runs in tests/test_bench.py "
@@ -131,11 +137,13 @@ def rewritten(tokens: list[str]) -> list[str]:
     if tokens[0] == "deepspeed":
         tokens = ["deepspeed", "--master_port", str(free_port()), *tokens[1:]]
         tokens = ["2" if b == "--num_gpus" else a for b, a in zip([""] + tokens, tokens)]
-    job = next((t for t in tokens if t in ("pretrain", "finetune", "evaluate")), None)
+    job = next((t for t in tokens if t in ("pretrain", "finetune", "rl", "evaluate")), None)
     if job == "pretrain":
         tokens += [*TINY, "--optimizer", "adamw"]
     elif job == "finetune":
         tokens += TINY
+    elif job == "rl":
+        tokens += RL_TINY
     elif job == "evaluate":
         tokens += ["--hellaswag_limit", "8", "--limit", "8"]
     return tokens

@@ -117,6 +117,12 @@ def test_prompts_are_rendered_as_evaluation_renders_them_and_checked(tmp_path):
     assert prompts.prompts[0].tokens == fmt.render(item) and prompts.prompts[0].where.endswith(":1")
     assert fmt.render(held.items[0])[-3:] == prompts.prompts[0].tokens[-3:]  # the same assistant prompt
 
+    gsm8k = rl.load_prompts(rl_run("--task", "gsm8k"), fmt, block_size=1024, world_size=1)
+    assert len(gsm8k.prompts) > 2 and gsm8k.prompts[0].reference.split("####")[-1].strip().lstrip("-").isdigit()
+    with pytest.raises(UserError, match=r"gsm8k_train_sample.jsonl:1: the prompt is \d+ tokens; with --max_new_tokens "
+                                        r"256 it exceeds the model's context of 128 tokens"):
+        rl.load_prompts(rl_run("--task", "gsm8k"), fmt, block_size=128, world_size=1)
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "What is 1 + 1?", "answer": "#### 2"}\n{"question": "Q", "answer": "2"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: field 'answer' has no '#### N'"):
