@@ -85,7 +85,7 @@ step smoke 90 "$PY" -m gptds pretrain --data_dir "$DATA" --log_dir "$OUT/smoke" 
     --deepspeed_config "zero2$DS_SUFFIX"
 
 # 3 the GPU tests (on CPU they are skipped, and the dry run says so)
-step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -s tests/test_gpu.py
+step gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -s tests/test_gpu.py
 grep -E "passed|failed|skipped|host syncs" "$OUT/gpu_tests.log" | tail -3 | sed 's/"/\\"/g' | while read -r line; do
     record "{\"step\": \"gpu_tests_summary\", \"line\": \"$line\"}"; done
 

@@ -90,8 +90,8 @@ def main() -> None:
     commands: list[str] = []
     fp32 = [] if common.default_dtype() == "bf16" else ["--deepspeed_config", "zero2_fp32"]
 
-    run([PYTHON, "-m", "gptds", "prepare", "chat", "--input", "gptds/assets/arithmetic_train.jsonl",
-         "--output_dir", str(out / "data"), "--context_length", "32"], commands)
+    run([PYTHON, "-m", "gptds", "prepare", "task", "--task", "arithmetic", "--output_dir", str(out / "data"),
+         "--context_length", "32"], commands)
     run(launch(["finetune", "--data_dir", str(out / "data"), "--model", "tiny", "-B", "8", "-T", "32", "--lr", "3e-3",
                 "--weight_decay", "0", "--warmup_steps", "10", "--max_steps", str(args.sft_steps), "--optimizer",
                 "adamw", "--eval_interval", "0", "--generate_interval", "0", "--log_dir", str(out / "sft"), *fp32],

@@ -28,6 +28,7 @@ from gptds.data.prepare import (
 from gptds.errors import EveryRankError, UserError, report
 from gptds.evaluate import EvaluateConfig, evaluate_checkpoint
 from gptds.generate import GenerateConfig, generate_from_checkpoint
+from gptds.rl import PrepareTaskConfig, prepare_task
 from gptds.staging import free_space
 from gptds.train import train
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
              prepare_dolly)
     _command(kinds, "chat", "conversations (OpenAI messages, ShareGPT, or Dolly/Alpaca as one turn) in ChatML",
              PrepareChatConfig, prepare_chat)
+    _command(kinds, "task", "an RL task's training prompts and answers as conversations (the format fine-tune "
+             "before `gptds rl`)", PrepareTaskConfig, prepare_task)
 
     for job, help_text in (("pretrain", "pretrain on token shards (or a mixture of prepared folders)"),
                            ("finetune", "fine-tune on prepared conversations or instruction records (or a mixture)"),

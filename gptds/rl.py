@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from gptds import dist, tasks
-from gptds.config import RLConfig, RunConfig
+from gptds.config import RL_MAX_NEW_TOKENS, RLConfig, RunConfig, check_flags, flag, require
 from gptds.data.loaders import TrainingData
+from gptds.data.prepare import PrepareChatConfig, prepare_chat
 from gptds.errors import UserError
 from gptds.generate import generate_batch
 from gptds.tokenizer import ASSETS_DIR, decode
@@ -66,6 +67,28 @@ def write_arithmetic_files(folder: Path = ASSETS_DIR) -> None:
     train, test = arithmetic_docs()
     for name, docs in (("arithmetic_train.jsonl", train), ("arithmetic_test.jsonl", test)):
         (folder / name).write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+@dataclass
+class PrepareTaskConfig:
+    """`gptds prepare task`'s settings: a task's training prompts with their answers, as conversations for the
+    brief fine-tune that teaches a model the task's answer format before RL."""
+    task: str = flag("arithmetic", "whose bundled train split: arithmetic or gsm8k (GSM8K's sample)",
+                     choices=tuple(RL_MAX_NEW_TOKENS))
+    output_dir: str = flag("data/arithmetic", "folder for the shards, masks and manifest.json")
+    context_length: int = flag(256, "tokens per training sequence")
+    overwrite: bool = flag(False, "replace a non-empty --output_dir")
+
+    def __post_init__(self):
+        check_flags(self, "prepare_task")
+        require(self.context_length > 0, "prepare_task", "context_length", self.context_length, "a positive integer")
+
+
+def prepare_task(cfg: PrepareTaskConfig) -> Path:
+    """The task's train split (question -> user turn, answer -> assistant turn) prepared as `prepare chat` does."""
+    return prepare_chat(PrepareChatConfig(input=[str(ASSETS_DIR / TRAIN_SPLITS[cfg.task])], format="gsm8k",
+                                          output_dir=cfg.output_dir, context_length=cfg.context_length,
+                                          overwrite=cfg.overwrite, num_workers=0))
 
 
 # ---------------------------------------------------------------- prompts

@@ -379,7 +379,9 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
                 f"optimizer {cfg.optimizer}, attention {attention_backend(info.device, dtype)}, "
                 f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
                 f"compile {'on' if use_compile else 'off'}, "
-                f"{batch.global_batch_tokens:,} tokens/step, {max_steps} steps"
+                + (f"{batch.global_batch_size} completions/step ({batch.global_batch_size // run.rl.num_samples} "
+                   f"prompts x {run.rl.num_samples} samples)" if run.job == "rl"
+                   else f"{batch.global_batch_tokens:,} tokens/step") + f", {max_steps} steps"
                 f"{'' if cfg.max_steps else ' (one epoch)'}, data {training_data.description}")
     if getattr(train_loader, "truncated_records", 0):
         dist.print0(f"WARNING: {train_loader.truncated_records} training records are longer than --context_length "

@@ -3,8 +3,11 @@
 - bf16 training through the real loop on one GPU: finite losses that fall, with one host sync per step
   from gptds (torch's sync debug mode counts every synchronising call in the step path);
 - compiled blocks train like eager ones, and sampling after training does not recompile;
+- chat fine-tuning (the output layer on the trained positions only, their indices found on the host) keeps the
+  same number of host syncs in every step;
 - two ranks on one GPU with a process group that, like NCCL, refuses CPU tensors ("cuda:gloo"): the loop,
-  evaluation, HellaSwag, samples and checkpoints under ZeRO-2 and ZeRO-3;
+  evaluation, HellaSwag, samples and checkpoints under ZeRO-2 and ZeRO-3, and `gptds rl` (rollouts, rewards
+  all-reduced, held-out pass@k) under ZeRO-2 and ZeRO-3;
 - Hugging Face logits parity on the GPU."""
 
 import json
@@ -42,9 +45,10 @@ def _train(tmp_path, text_data, *flags) -> object:
     return train(run_config_from_flags("pretrain", args))
 
 
-def test_bf16_training_on_one_gpu_syncs_once_per_step(tmp_path, text_data, monkeypatch):
+def count_syncs(monkeypatch) -> list[list[str]]:
+    """Every synchronising call in each optimizer step from here on (torch's sync debug mode), step by step."""
     from gptds import train as train_module
-    syncs, steps = [], [0]
+    syncs = []
     step = train_module.optimizer_step
 
     def counted(*args, **kwargs):
@@ -56,8 +60,23 @@ def test_bf16_training_on_one_gpu_syncs_once_per_step(tmp_path, text_data, monke
         finally:
             torch.cuda.set_sync_debug_mode(0)
             syncs.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
-            steps[0] += 1
     monkeypatch.setattr(train_module, "optimizer_step", counted)
+    return syncs
+
+
+def test_chat_fine_tuning_on_the_trained_positions_syncs_the_same_every_step(tmp_path, chat_data, monkeypatch):
+    from gptds.train import train
+    syncs = count_syncs(monkeypatch)
+    args = build_parser().parse_args(["finetune", "--data_dir", str(chat_data), "--log_dir", str(tmp_path),
+                                      "--deepspeed_config", "zero2", *TINY_RUN, "--max_steps", "8"])
+    assert train(run_config_from_flags("finetune", args)).state.step == 8
+    counts = [len(x) for x in syncs]
+    print(f"host syncs per chat fine-tuning step (all libraries): {counts}")
+    assert len(set(counts[2:])) == 1, counts  # no sync whose count depends on the batch's masks
+
+
+def test_bf16_training_on_one_gpu_syncs_once_per_step(tmp_path, text_data, monkeypatch):
+    syncs = count_syncs(monkeypatch)
     s = _train(tmp_path, text_data, "--max_steps", "12", "--grad_accum_steps", "2", "--lr", "3e-3")
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "loss" in line]
@@ -115,3 +134,22 @@ def test_hf_logits_parity_on_the_gpu():
         b = ours.to(DEVICE).eval()(idx)[0]
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_rl_on_two_ranks_of_one_gpu_with_a_cuda_only_process_group(tmp_path, chat_data, config):
+    """`gptds rl` under NCCL's rule: a chat model fine-tuned briefly, then rollouts, rewards, the policy step,
+    held-out pass@k and a checkpoint on two ranks whose process group refuses CPU tensors."""
+    from gptds.train import train
+    args = build_parser().parse_args(["finetune", "--data_dir", str(chat_data), "--log_dir", str(tmp_path / "sft"),
+                                      "--deepspeed_config", "zero2", *TINY_RUN, "--max_steps", "2"])
+    train(run_config_from_flags("finetune", args))
+    env = {**os.environ, "GPTDS_DIST_BACKEND": "cuda:gloo", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                           "gptds", "rl", "--pretrained_checkpoint", str(tmp_path / "sft" / "checkpoints"),
+                           "--log_dir", str(tmp_path / "rl"), "--deepspeed_config", config, "-B", "16",
+                           "--max_steps", "3", "--eval_task_interval", "3", "--generate_interval", "3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in logged if "reward" in r]) == 3 and any("arithmetic_pass@8" in r for r in logged)

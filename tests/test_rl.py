@@ -18,7 +18,6 @@ from conftest import fp32_config, launch
 from gptds import rl, tasks
 from gptds.__main__ import main
 from gptds.config import RLConfig, RunConfig, run_config_from_flags
-from gptds.data.prepare import PrepareChatConfig, prepare_chat
 from gptds.errors import UserError
 from gptds.model import GPT, GPTConfig, cross_entropy
 from gptds.tokenizer import ASSETS_DIR, IM_END_ID
@@ -185,8 +184,7 @@ def test_rollout_state_round_trips_the_prompt_order_and_the_sampling_generator()
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rl")
-    data = prepare_chat(PrepareChatConfig(input=[str(ASSETS_DIR / "arithmetic_train.jsonl")],
-                                          output_dir=str(tmp / "data"), context_length=32, num_workers=0))
+    data = rl.prepare_task(rl.PrepareTaskConfig("arithmetic", str(tmp / "data"), context_length=32))
     z = {stage: fp32_config(tmp, f"zero{stage}") for stage in (1, 2, 3)}
     sft = tmp / "sft" / "checkpoints"
     common = ["--pretrained_checkpoint", str(sft), "--optimizer", "adamw", "-B", "32", "--lr", "1e-3",

@@ -188,7 +188,7 @@ def test_every_training_flag_says_what_a_resume_may_do_with_it_and_the_readme_ta
     from gptds.config import MAY_CHANGE, MUST_MATCH, resume_rules, resume_rules_markdown
     from gptds.session import Session  # noqa: F401 (the training flags are complete once the job modules load)
     parser = build_parser()
-    flags = {a.option_strings[0] for sub in ("pretrain", "finetune")
+    flags = {a.option_strings[0] for sub in ("pretrain", "finetune", "rl")
              for a in parser._subparsers._group_actions[0].choices[sub]._actions if a.option_strings
              and a.option_strings[0].startswith("--") and a.dest not in ("help", "local_rank", "verbose")}
     rules = {flag: rule for flag, rule, _ in resume_rules()}
