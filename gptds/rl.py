@@ -118,7 +118,7 @@ def load_prompts(run: RunConfig, fmt: tasks.PromptFormat, block_size: int, world
     and enough of them for one optimizer step."""
     cfg = run.rl
     source = cfg.task_file or str(ASSETS_DIR / TRAIN_SPLITS[cfg.task])
-    rows = tasks.read_rows(source, f"{cfg.task} prompts")
+    rows = tasks.read_rows(source, f"{cfg.task} prompt")
     prompts = []
     for where, doc in rows:
         doc = tasks.parse_gsm8k(doc, where)

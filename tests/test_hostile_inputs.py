@@ -1,6 +1,6 @@
-"""Hostile inputs, tried on purpose, for `prepare`, `pretrain`, `finetune`, `convert`, `generate` and `evaluate`:
-empty, truncated, binary, wrong encoding, wrong fields and types, duplicate keys, deeply nested JSON in every
-kind of JSON gptds reads, blank documents and records, huge lines, DeepSpeed configs with wrong types (strings
+"""Hostile inputs, tried on purpose, for `prepare`, `pretrain`, `finetune`, `rl`, `convert`, `generate` and
+`evaluate`: empty, truncated, binary, wrong encoding, wrong fields and types, duplicate keys, deeply nested JSON
+in every kind of JSON gptds reads, blank documents and records, huge lines, DeepSpeed configs with wrong types (strings
 or numbers where DeepSpeed expects booleans, and the reverse), unknown keys or a missing NVMe path, zero,
 negative, non-finite and out-of-range numbers for flags, blank paths, outputs that overlap their inputs,
 damaged checkpoints and malformed evaluation items. Each must end with exit status 2 and one line on stderr,
@@ -119,6 +119,11 @@ FILES = {
     "hf_indivisible/config.json": json.dumps({**HF_CONFIG, "n_head": 3}).encode(),
     "hf_epsilon_string/config.json": json.dumps({**HF_CONFIG, "layer_norm_epsilon": "1e-5"}).encode(),
     "ds_infinite.json": b'{"zero_optimization": {"stage": 2, "reduce_bucket_size": Infinity}}',
+    # RL prompts (GSM8K's layout)
+    "rl_no_hashes.jsonl": b'{"question": "What is 1 + 1?", "answer": "#### 2"}\n{"question": "Q?", "answer": "2"}\n',
+    "rl_list_question.jsonl": b'{"question": ["What", "is"], "answer": "#### 2"}\n',
+    "rl_deep.jsonl": ('{"question": "Q?", "answer": ' + DEEP + '}\n').encode(),
+    "rl_long.jsonl": (json.dumps({"question": "one " * 300, "answer": "#### 1"}) + "\n").encode(),
     # inputs that outputs must not overlap
     "corpus/a.txt": b"Some text to prepare.\n",
     "dolly_dir/records.jsonl": dolly(),
@@ -418,8 +423,30 @@ CASES = {
     "checkpoint: resume from a damaged one": (["pretrain", "--data_dir", "{text_data}", "--resume",
                                                "--checkpoint_path", IN + "/ckpt_damaged/step_00000001"],
                                               r"step_00000001: file shard\.pt does not match its xxh3_128 checksum"),
+    # reinforcement learning: the prompts file, then its flags
+    "rl: prompts not JSON": (["rl", "--task_file", IN + "/not_json.jsonl"], r"not_json\.jsonl:1: invalid JSON"),
+    "rl: prompts empty": (["rl", "--task_file", IN + "/empty.jsonl"], r"empty\.jsonl: no arithmetic prompt items"),
+    "rl: prompts binary": (["rl", "--task_file", IN + "/binary.txt"], r"binary\.txt: byte \d+: not valid UTF-8"),
+    "rl: an answer without its final number": (["rl", "--task_file", IN + "/rl_no_hashes.jsonl"],
+                                               r"rl_no_hashes\.jsonl:2: field 'answer' has no '#### N'"),
+    "rl: a question that is a list": (["rl", "--task_file", IN + "/rl_list_question.jsonl"],
+                                      r"rl_list_question\.jsonl:1: field 'question' missing or not a string"),
+    "rl: nested too deep": (["rl", "--task_file", IN + "/rl_deep.jsonl"], r"rl_deep\.jsonl:1: .*nested"),
+    "rl: a prompt longer than the context": (["rl", "--task_file", IN + "/rl_long.jsonl"],
+                                             r"rl_long\.jsonl:1: the prompt is \d+ tokens; with --max_new_tokens 8"),
+    "rl: prompts missing": (["rl", "--task_file", IN + "/nonexistent.jsonl"],
+                            r"nonexistent\.jsonl: cannot read arithmetic prompt file"),
+    "rl: no completions per prompt": (["rl", "--num_samples", "0"], r"--num_samples \(rl\.num_samples\) = 0"),
+    "rl: a temperature that is not a number": (["rl", "--temperature", "nan"],
+                                               r"--temperature \(rl\.temperature\) = nan is not allowed"),
+    "rl: negative answer length": (["rl", "--max_new_tokens", "-1"],
+                                   r"--max_new_tokens \(rl\.max_new_tokens\) = -1"),
+    "rl: a batch that splits a group": (["rl", "-B", "12"],
+                                        r"--micro_batch_size 12 .* not a multiple of --num_samples"),
 }
 TRAINING = ("pretrain", "finetune")
+RL = ["--pretrained_checkpoint", IN + "/ckpt", "--max_steps", "1", "--eval_task_interval", "0", "--generate_interval",
+      "0"]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -432,6 +459,8 @@ def leftovers(folder: Path) -> list[str]:
 def test_hostile_input_is_refused_with_one_line_naming_it(case, inputs, text_data, tmp_path, capsys):
     argv, expected = CASES[case]
     out = tmp_path / "out"
+    if argv[0] == "rl":  # a checkpoint to improve (its meta.json is all that is read before the prompts)
+        argv = ["rl", *RL, "--log_dir", OUT, *argv[1:]]
     argv = [a.replace(IN, str(inputs)).replace(OUT, str(out)).replace("{text_data}", str(text_data)) for a in argv]
     if argv[0] in TRAINING:  # the case's own flags last, so that they win
         argv = [argv[0], *TRAIN, "--log_dir", str(out), *argv[1:]]
