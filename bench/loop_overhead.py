@@ -53,8 +53,8 @@ def step_comparison(args, data_dir: Path, tmp: Path) -> dict:
 
     def bare():
         for _ in range(args.grad_accum_steps):
-            x, y = s.batches.next()
-            _, loss = eng(x, y)
+            x, y, *options = s.batches.next()  # pretraining text: (x, y)
+            _, loss = eng(x, y, **(options[0] if options else {}))
             eng.backward(loss)
             eng.step()
         return loss.item()  # a loop that shows its loss reads it back once per step too

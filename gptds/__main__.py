@@ -10,7 +10,10 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import sys
+
+import torch.distributed
 
 from gptds import dist, notices  # notices before the imports below: it holds back notices they print
 from gptds.chat import ChatConfig, chat
@@ -146,5 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `gptds` program (its console script, and `python -m gptds`, which the launchers start): main(), then,
+    once a process group exists, an exit that skips the interpreter's teardown. Tearing down torch's
+    distributed state after the work is done and saved sometimes aborts a rank ("terminate called without an
+    active exception", SIGABRT: exit status -6, which fails the whole launch); seen 3 times in about 40 launches
+    of 2 CPU ranks here, with and without destroy_process_group at exit. Everything gptds writes is closed by
+    then (checkpoints, metrics, TensorBoard, W&B), and stdout and stderr are flushed first."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

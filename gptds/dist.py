@@ -10,7 +10,6 @@ that, like NCCL, accepts CUDA tensors only: bench/gpu_check.sh uses it)."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -75,21 +74,8 @@ def init_distributed() -> DistInfo:
         # long, instead of gloo's default 30 minutes; it must exceed the longest wait on rank 0 (a save).
         torch_dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                       timeout=timedelta(minutes=10))
-        atexit.register(_destroy_process_group)
     _info = DistInfo(rank, local_rank, world_size, local_world_size, device)
     return _info
-
-
-def _destroy_process_group() -> None:
-    """At exit, while the interpreter is still whole: a process group left to interpreter teardown can abort
-    the process after its work is done (gloo's worker threads still hold work whose tensors need the GIL:
-    "terminate called without an active exception", SIGABRT, exit status -6; seen here once in ~20 launches;
-    pytorch/pytorch#179291 describes it)."""
-    if torch_dist.is_initialized():
-        try:
-            torch_dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 (exiting anyway: a group that cannot be destroyed is no reason to fail)
-            pass
 
 
 def info() -> DistInfo:

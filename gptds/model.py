@@ -277,8 +277,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits_at: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
+                temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T) with -100
         where no loss is taken, the mean cross-entropy over the other positions.
 
@@ -288,7 +288,8 @@ class GPT(nn.Module):
         logits are wanted: the logits are then (N, vocab_size), N = logits_at.sum(), in row-major order,
         and the output layer runs on those rows only (for a small model most of the compute is that
         layer's); targets are then (N,) (training on responses only: loaders.DeviceBatches, rl.py).
-        loss_weights (shaped as targets) weight each position's loss (cross_entropy)."""
+        loss_weights (shaped as targets) weight each position's loss (cross_entropy); with temperature, the
+        logits are divided by it first (RL trains the distribution it sampled from)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if positions is None:
@@ -307,8 +308,13 @@ class GPT(nn.Module):
         if logits_at is not None and logits_at.dtype == torch.bool:
             x = x[logits_at]  # (N, C)
         elif logits_at is not None:  # flat indices into (B * T): no device sync to learn N
+            if logits_at.dtype != torch.long or logits_at.dim() != 1:
+                raise ValueError(f"logits_at: a (B, T) bool mask or 1-D int64 flat indices, got {logits_at.dtype} "
+                                 f"of shape {tuple(logits_at.shape)}")
             x = x.reshape(-1, x.size(-1)).index_select(0, logits_at)
         padded_logits = self.lm_head(x)  # (B, T, padded V): the padding columns are never read
+        if temperature is not None and temperature != 1.0:
+            padded_logits = padded_logits / temperature
         loss = None if targets is None else cross_entropy(padded_logits, targets, self.config.vocab_size, loss_weights)
         return padded_logits[..., :self.config.vocab_size], loss  # (B, T, V)
 
@@ -378,7 +384,7 @@ def next_token_of(logits: torch.Tensor, temperature: float, top_k: int | None,
     ids = None
     if top_k is not None and top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k)  # (B, k), ties at the k-th included as torch.topk picks them
-    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)
+    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # fp64: no drift over 50k terms
     u = torch.rand((logits.size(0), 1), generator=generator, device=logits.device, dtype=cdf.dtype)
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.size(-1) - 1)  # (B, 1)
     return picked if ids is None else ids.gather(1, picked)

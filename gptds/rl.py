@@ -12,9 +12,10 @@ The variant, chosen deliberately (nanochat's chat_rl.py; DeepSeekMath's GRPO; Dr
 - the loss is -sum(advantage * log p(token)) over the sampled tokens only (prompt tokens masked), divided by
   the number of sampled tokens in the micro batch: token-level averaging, so long answers are not down-weighted
   per token as GRPO's per-sequence mean does;
-- one optimizer step per batch of rollouts (on-policy): the ratio to the sampling policy is 1, so PPO's
-  clipping would never act, and there is no KL term to a reference model (nanochat drops both too); the
-  gradient clipping of --grad_clip stays.
+- one optimizer step per batch of rollouts (on-policy): the loss takes log p at the sampling --temperature, so the
+  ratio to the sampling policy is 1 and PPO's clipping would never act (--top_k's truncation is the one part of
+  the sampling the loss does not model, as in nanochat); no KL term to a reference model (nanochat drops both);
+  the gradient clipping of --grad_clip stays.
 
 Under ZeRO-3 every rank must run every forward (parameters are gathered collectively): generate_batch keeps
 the ranks in step until the last row on any rank is done, and every rank samples the same number of rows.
@@ -249,13 +250,14 @@ class Rollouts:
         weights = advantages(rewards.view(-1, n), self.cfg.normalize_advantages).view(-1)
         x, y, w = policy_batch(rows, completions, weights.tolist(), self.fmt.stop_tokens[0])
         self.stats += torch.tensor([float(rewards.sum()), float((rewards ** 2).sum()), len(rewards),
-                                    sum(map(len, completions)), time.perf_counter() - t0, x.numel(), 1.0],
+                                    sum(map(len, completions)), time.perf_counter() - t0,
+                                    sum(len(r) + len(c) - 1 for r, c in zip(rows, completions)), 1.0],
                                    dtype=torch.float64)
         self.recent = [(decode(prompts[i // n].tokens), texts[i], float(rewards[i]))
                        for i in range(0, len(texts), max(1, len(texts) // SAMPLES_SHOWN))][:SAMPLES_SHOWN]
         trained = (y != -100).flatten().nonzero().squeeze(1)  # flat indices, found on the host
         x, y, w, trained = (t.to(self.info.device) for t in (x, y.flatten()[trained], w.flatten()[trained], trained))
-        return x, y, {"logits_at": trained, "loss_weights": w}
+        return x, y, {"logits_at": trained, "loss_weights": w, "temperature": self.cfg.temperature}
 
     def prefetch(self) -> None:
         """Nothing to read ahead: the next rollouts need the weights after this step."""

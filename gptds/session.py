@@ -69,7 +69,7 @@ class Session:
     resumed_from_step: int | None = None  # the checkpoint's step when the run resumed
     batches_since_eval: list[float] = field(default_factory=list)  # training losses since the last evaluation
     previous_eval: tuple[float, float] | None = None  # (val_loss, mean training loss before it)
-    task_generation: dict = field(default_factory=dict)  # generation tasks' settings (RL: its pass@k sampling)
+    task_generation: dict = field(default_factory=dict)  # by task name: generation settings (RL's held-out task)
 
     @property
     def wandb(self) -> dict | None:
@@ -341,7 +341,7 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
     if run.job == "rl":  # its held-out split: sampled at intervals, and scored with RL's sampling settings
         held_out, generation, prompts = rl.held_out(run, fmt)
         if cfg.eval_task_interval:
-            eval_tasks, task_generation = [held_out, *eval_tasks], generation
+            eval_tasks, task_generation = [held_out, *eval_tasks], {held_out.name: generation}
     # No --max_steps (fine-tuning's default): one epoch of the training split.
     max_steps = cfg.max_steps or max(1, train_loader.batches_per_epoch() // cfg.grad_accum_steps)
 

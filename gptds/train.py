@@ -220,7 +220,7 @@ def log_tasks(s: Session, log: MetricsLogger, console: Console, to_score: list[t
     fmt = tasks.prompt_format(s.meta.get("chat_format"))
     for task in to_score:
         scores = run_task(s.eng.module, task, s.model_config.block_size, s.info.device, fmt=fmt,
-                          seed=s.run.train.seed, show_progress=True, **s.task_generation,
+                          seed=s.run.train.seed, show_progress=True, **s.task_generation.get(task.name, {}),
                           progress_write=lambda line: console.write(f"step {s.state.step}: {line}"))
         log.log(s.state.step, {k: v for k, v in scores.items() if not k.endswith("_n")})
         shown = {k: v for k, v in scores.items() if not k.endswith("_n")

@@ -79,7 +79,13 @@ def test_the_model_takes_flat_positions_and_weights_as_the_loop_gives_them():
     full, _ = model(x)
     ref = -(w * torch.log_softmax(full[mask], -1).gather(1, y[mask][:, None]).squeeze(1)).mean()
     assert logits.shape == (4, 300) and torch.allclose(logits, full[mask], atol=1e-5)
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    # at the sampling temperature: the distribution the completions were drawn from
+    _, hot = model(x, y[mask], logits_at=mask.flatten().nonzero().squeeze(1), loss_weights=w, temperature=0.5)
+    ref_hot = -(w * torch.log_softmax(full[mask] / 0.5, -1).gather(1, y[mask][:, None]).squeeze(1)).mean()
+    assert float(hot.detach()) == pytest.approx(float(ref_hot.detach()), rel=1e-5)
+    with pytest.raises(ValueError, match="1-D int64 flat indices"):
+        model(x, logits_at=mask.flatten().nonzero().squeeze(1).int())
 
 
 def test_the_reward_is_gsm8ks_last_number_match():
