@@ -5,7 +5,7 @@ rank in step, parameters gathered at every forward) against ZeRO-2 (whole weight
 the full weights once per rollout would sample at). Writes bench/results/rl-<device>-<date>.{json,md} and the
 reward curve as bench/results/rl-arithmetic-<device>.svg (the README shows it).
 
-    python bench/rl.py [--sft_steps 200] [--rl_steps 160] [--out_dir /tmp/gptds-rl-bench]
+    python bench/rl.py [--sft_steps 200] [--rl_steps 240] [--out_dir /tmp/gptds-rl-bench]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def svg_curve(rewards: list[float], title: str, width: int = 640, height: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft_steps", type=int, default=200)
-    parser.add_argument("--rl_steps", type=int, default=160)
+    parser.add_argument("--rl_steps", type=int, default=240)
     parser.add_argument("--sampling_steps", type=int, default=10, help="steps of the ZeRO-2 / ZeRO-3 comparison")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--out_dir", default="/tmp/gptds-rl-bench")

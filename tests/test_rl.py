@@ -23,7 +23,7 @@ from gptds.model import GPT, GPTConfig, cross_entropy
 from gptds.tokenizer import ASSETS_DIR, IM_END_ID
 
 SFT_STEPS = 200      # "fine-tuned briefly on the task's format": the mean reward starts near 0.5
-RL_STEPS = 160
+RL_STEPS = 240
 RESUME_STEPS = 6
 
 
