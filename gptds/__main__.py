@@ -13,8 +13,6 @@ import json
 import os
 import sys
 
-import torch.distributed
-
 from gptds import dist, notices  # notices before the imports below: it holds back notices they print
 from gptds.chat import ChatConfig, chat
 from gptds.cli import ArgumentParser
@@ -159,7 +157,7 @@ def run() -> None:
     status = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist.joined():
         os._exit(status)
     sys.exit(status)
 

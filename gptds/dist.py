@@ -78,6 +78,11 @@ def init_distributed() -> DistInfo:
     return _info
 
 
+def joined() -> bool:
+    """Whether this process has joined a process group (init_distributed ran)."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
 def info() -> DistInfo:
     assert _info is not None, "init_distributed() first"
     return _info
