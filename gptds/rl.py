@@ -36,7 +36,7 @@ import torch
 
 from gptds import dist, tasks
 from gptds.config import RL_MAX_NEW_TOKENS, RLConfig, RunConfig, check_flags, flag, require
-from gptds.data.loaders import TrainingData
+from gptds.data.loaders import TrainingData, trained_positions
 from gptds.data.prepare import PrepareChatConfig, prepare_chat
 from gptds.errors import UserError
 from gptds.generate import generate_batch
@@ -255,8 +255,7 @@ class Rollouts:
                                    dtype=torch.float64)
         self.recent = [(decode(prompts[i // n].tokens), texts[i], float(rewards[i]))
                        for i in range(0, len(texts), max(1, len(texts) // SAMPLES_SHOWN))][:SAMPLES_SHOWN]
-        trained = (y != -100).flatten().nonzero().squeeze(1)  # flat indices, found on the host
-        x, y, w, trained = (t.to(self.info.device) for t in (x, y.flatten()[trained], w.flatten()[trained], trained))
+        x, y, w, trained = (t.to(self.info.device) for t in (x, *trained_positions(y, w)))
         return x, y, {"logits_at": trained, "loss_weights": w, "temperature": self.cfg.temperature}
 
     def prefetch(self) -> None:

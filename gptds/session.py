@@ -225,15 +225,15 @@ def set_up(run: RunConfig) -> Session:
     specs = parse_data_dirs(data.data_dir) if data.data_dir else []
     for path, _ in specs:
         load_manifest(path)  # a folder that is not a prepared dataset is the first thing to say
-    task_files = tasks.parse_task_files(data.eval_task_file) if data.eval_tasks and cfg.eval_task_interval else {}
+    reads_task_files = (data.eval_tasks and cfg.eval_task_interval) or run.job == "rl"  # RL: its held-out split
+    task_files = tasks.parse_task_files(data.eval_task_file) if reads_task_files else {}
+    item_files = [("--eval_task_file", path) for path in task_files.values()]
+    if run.job == "rl" and run.rl.task_file:
+        item_files.append(("--task_file", run.rl.task_file))
     inputs = [("--data_dir", path) for path, _ in specs] + [
         ("--pretrained_checkpoint", run.checkpoint.pretrained_checkpoint), ("--hellaswag_file", data.hellaswag_file),
         ("--deepspeed_config", ds_config_path)] + [
-        ("--eval_task_file", path) for path in task_files.values() if not path.startswith("hub:")]
-    if run.job == "rl":  # its prompts and held-out split
-        inputs += [(flag, path) for flag, path in [("--task_file", run.rl.task_file)] + [
-            ("--eval_task_file", p) for p in tasks.parse_task_files(data.eval_task_file).values()]
-            if path and not path.startswith("hub:")]
+        (flag, path) for flag, path in item_files if not path.startswith("hub:")]
     check_no_overlap([("--log_dir", cfg.log_dir)], inputs, allow_inputs_inside=True)
     check_no_overlap([("--checkpoint_dir", run.checkpoint_dir)], inputs)  # pruning would delete them
     engine.check_precision_supported(ds_config_path, ds_config)
@@ -301,8 +301,8 @@ def _build(run: RunConfig, info: dist.DistInfo, batch: Batch, ds_config_path: Pa
     if data.context_length > model_config.block_size:
         raise UserError(f"--context_length {data.context_length} exceeds the model's block_size "
                         f"{model_config.block_size} ({model_source})")
-    fmt = tasks.prompt_format(chat_format_of(model_config))
     if run.job == "rl":  # the prompts the policy samples for, in the place of training data
+        fmt = tasks.prompt_format(chat_format_of(model_config))
         if resume_dir is None and not ck.pretrained_checkpoint:
             raise UserError("`gptds rl` improves a model that already answers in the task's format: give it with "
                             "--pretrained_checkpoint (e.g. the chat model of `gptds finetune`; README, "

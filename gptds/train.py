@@ -108,7 +108,7 @@ def optimizer_step(s: Session, lr: float, stop: StopRequest) -> StepOutcome:
     components = len(s.data.components)
     sums = torch.zeros(4 + 2 * components, device=s.info.device, dtype=torch.float32)
     for micro in range(G):
-        x, y, *options = s.batches.next()  # RL's rollouts add forward options: logits_at, loss_weights
+        x, y, *options = s.batches.next()  # forward options: logits_at (responses only), RL's loss_weights
         logits, loss = eng(x, y, **(options[0] if options else {}))
         s.batches.prefetch()  # reads and copies the next batch while the device computes this one
         if components:

@@ -314,6 +314,14 @@ def build_loader(data_dir, split: str, micro_batch_size: int, context_length: in
     return loader
 
 
+def trained_positions(y: torch.Tensor, *alongside: torch.Tensor) -> list[torch.Tensor]:
+    """For targets y (B, T) with -100 where no loss is taken, on the host: y at the trained positions (N,), then
+    each tensor of `alongside` (B, T) at them, then the positions as flat indices into B * T (the model's
+    logits_at), so that the output layer runs on those rows only and no device sync is needed to size them."""
+    trained = (y != -100).flatten().nonzero().squeeze(1)
+    return [t.flatten()[trained] for t in (y, *alongside)] + [trained]
+
+
 class DeviceBatches:
     """Training batches on the rank's device, the next one read and copied while the device computes:
     the loop calls next() for a batch, launches its forward, then prefetch(), so reading the shards and
@@ -345,9 +353,7 @@ class DeviceBatches:
         self._pending_components = None if components is None else torch.from_numpy(components).to(self.device)
         batch = [x, y]
         if getattr(self.loader, "kind", "text") != "text":  # loss on responses only: the output layer runs on
-            # those positions alone (flat indices, found here on the host: no device sync to size the result)
-            trained = (y != -100).flatten().nonzero().squeeze(1)
-            batch = [x, y.flatten()[trained], trained]
+            batch = [x, *trained_positions(y)]             # those positions alone
         if self.device.type == "cuda":
             batch = [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
         else:
